@@ -1,0 +1,238 @@
+"""`lgd train | eval | predict | export | summary | config | data synth` — the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+OVERRIDES_HELP = "config overrides as dotted KEY=VALUE, e.g. solver.max_iter=200 data.train.root=/data/coco/train2017"
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML config (see configs/); defaults apply to keys it does not set")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lgd",
+        description="Train, evaluate, export and use torchvision detectors with label-guided self-distillation (LGD).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a detector (with LGD unless lgd.enabled=false), then evaluate on val",
+                       description="Train as the config says, write checkpoints, metrics.jsonl, TensorBoard events "
+                                   "and plots to output_dir, then print COCO AP on the val split. With no dataset "
+                                   "configured, the built-in synthetic dataset is generated once and used.")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from output_dir/last.pth exactly where it stopped")
+
+    p = sub.add_parser("eval", help="COCO AP of a trained model on a split",
+                       description="Evaluate a checkpoint: the 12-number COCO summary, a per-class AP table and the "
+                                   "detections JSON (written next to the checkpoint).")
+    _config_args(p)
+    p.add_argument("--weights", help="checkpoint to evaluate (default: output_dir/model_final.pth)")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="which split (default: val)")
+    p.add_argument("--teacher", action="store_true",
+                   help="evaluate the head on the implicit teacher's features instead; it uses the ground truth, "
+                        "so it is an upper bound, not a deployable model")
+
+    p = sub.add_parser("predict", help="detect objects in an image or a folder of images",
+                       description="Write detections.json and one PNG per image with boxes, class names and scores.")
+    p.add_argument("input", help="an image file or a folder of images")
+    p.add_argument("--model", required=True, help="a student written by `lgd export`")
+    p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    p.add_argument("--score-thresh", type=float, default=0.3, help="drawn and saved detections score at least this")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+
+    p = sub.add_parser("export", help="write the student alone: a plain torchvision model plus class metadata",
+                       description="The exported file loads with torch and torchvision alone (see README).")
+    _config_args(p)
+    p.add_argument("--weights", help="checkpoint (default: output_dir/model_final.pth)")
+    p.add_argument("--out", help="output file (default: output_dir/student.pth)")
+
+    p = sub.add_parser("summary", help="parameter counts of student, teacher and adapter as JSON")
+    _config_args(p)
+    p.add_argument("--num-classes", type=int, help="K (default: the training dataset's category count)")
+
+    sub.add_parser("config", help="list every config key with its default and meaning")
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="TOOL")
+    s = data_sub.add_parser("synth", help="write the built-in synthetic dataset in COCO format")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--seed", type=int, default=0, help="seed (default 0); splits use seeds derived from it")
+    s.add_argument("--train", type=int, default=800, help="training images (default 800)")
+    s.add_argument("--val", type=int, default=200, help="validation images (default 200)")
+    s.add_argument("--test", type=int, default=200, help="test images (default 200)")
+    s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from lgd.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _print_result(result, title: str) -> None:
+    for iou_type, text in result.summary.items():
+        print(f"\n{title} — {iou_type}\n{text}\n\n{result.table(iou_type)}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lgd.engine import train
+
+    cfg = _load(args)
+    out = train(cfg, resume=args.resume, progress=not args.no_progress)
+    _print_result(out["result"], f"COCO evaluation on val after {cfg.solver.max_iter} iterations")
+    print(f"\nbbox AP {out['metrics']['bbox/AP']:.2f}  (outputs in {cfg.output_dir})")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lgd.engine import build_dataset, build_model, evaluate, load_model_weights, resolve_device
+
+    cfg = _load(args)
+    weights = Path(args.weights or Path(cfg.output_dir) / "model_final.pth")
+    dataset = build_dataset(cfg, args.split, train=False)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg, dataset.num_classes)
+    load_model_weights(model, weights)
+    model.to(device)
+    name = "teacher" if args.teacher else "student"
+    result = evaluate(model, dataset, cfg, device, teacher=args.teacher,
+                      out_file=weights.parent / f"detections_{args.split}_{name}.json",
+                      progress=not args.no_progress, desc=f"eval ({args.split})")
+    title = f"COCO evaluation of {weights} on {args.split}"
+    if args.teacher:
+        title += " — TEACHER DIAGNOSTIC: head on teacher features built from ground truth (an upper bound)"
+    _print_result(result, title)
+    print(json.dumps({"split": args.split, "model": name, **result.metrics}))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lgd.engine import build_dataset, build_model, load_model_weights, student_of
+    from lgd.export import export_student
+
+    cfg = _load(args)
+    weights = Path(args.weights or Path(cfg.output_dir) / "model_final.pth")
+    dataset = build_dataset(cfg, "train", train=False)
+    model = build_model(cfg, dataset.num_classes)
+    load_model_weights(model, weights)
+    out = export_student(student_of(model), cfg.model, dataset.class_names, dataset.cat_ids, dataset.label_offset,
+                         Path(args.out or Path(cfg.output_dir) / "student.pth"))
+    print(f"exported the student ({type(student_of(model)).__name__}, no LGD modules) to {out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from lgd.engine import resolve_device
+    from lgd.export import load_student
+    from lgd.visualize import draw_detections, list_images, load_image
+    import torch
+
+    model, meta = load_student(Path(args.model))
+    device = resolve_device(args.device)
+    model.to(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    offset, names = meta["label_offset"], meta["class_names"]
+    for path in tqdm(list_images(Path(args.input)), desc="predict", dynamic_ncols=True):
+        image = load_image(path)
+        with torch.no_grad():
+            det = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        keep = det["scores"] >= args.score_thresh
+        det = {k: v[keep] for k, v in det.items()}
+        draw_detections(image, det, names, label_offset=offset, score_thresh=args.score_thresh).save(
+            out / f"{path.stem}.png")
+        records.append({
+            "file": str(path),
+            "detections": [
+                {"box_xyxy": [round(float(x), 2) for x in box], "score": round(float(score), 4),
+                 "category_id": meta["category_ids"][int(label) - offset], "class_name": names[int(label) - offset]}
+                for box, score, label in zip(det["boxes"], det["scores"], det["labels"])
+            ],
+        })
+    (out / "detections.json").write_text(json.dumps(records, indent=1))
+    print(f"{len(records)} images, {sum(len(r['detections']) for r in records)} detections -> {out}")
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    from lgd.detectors import build_detector
+    from lgd.distiller import LGD
+    from lgd.engine import split_paths
+
+    cfg = _load(args)
+    k = args.num_classes
+    if k is None:
+        _, ann = split_paths(cfg, "train")
+        k = _count_categories(ann)
+    student = build_detector(cfg.model, k)
+    report = {"arch": cfg.model.arch, "num_classes": k, "fpn_channels": cfg.model.fpn_channels,
+              "student": count(student)}
+    lgd = LGD(student, num_classes=k, config=cfg.lgd, max_iter=cfg.solver.max_iter)
+    report.update({
+        "teacher": count(lgd.teacher), "adapter": count(lgd.adapter),
+        "context_box": lgd.context_box, "detach_appearance": lgd.detach_appearance,
+        "class_format": cfg.lgd.class_format, "lgd_enabled": cfg.lgd.enabled,
+        "deployed": count(student),
+    })
+    print(json.dumps(report, indent=2))
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _count_categories(ann: Path) -> int:
+    from lgd.errors import DatasetError
+
+    try:
+        return len(json.loads(Path(ann).read_text())["categories"])
+    except (OSError, ValueError, KeyError) as e:
+        raise DatasetError(f"cannot read categories from {ann}: {e}") from None
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from lgd.config import describe
+
+    print(describe())
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from lgd.data.synthetic import write_synthetic
+
+    out = write_synthetic(Path(args.out), seed=args.seed, num_train=args.train, num_val=args.val,
+                          num_test=args.test, size=args.size)
+    print(f"wrote the synthetic dataset to {out}")
+
+
+COMMANDS = {
+    "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
+    "summary": cmd_summary, "config": cmd_config, "data": cmd_data,
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from lgd.errors import LGDError
+
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except LGDError as e:
+        print(f"lgd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nlgd: interrupted. The last checkpoint is intact; continue with the same command and --resume.",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""The one typed config: every knob with its default and a one-line meaning.
+
+YAML files under ``configs/`` and ``key.sub=value`` overrides on the command line only fill these dataclasses.
+Each field's ``metadata["help"]`` is its meaning; ``lgd config`` prints them all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from lgd.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    """A field with a default (copied if mutable) and its one-line meaning."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SplitConfig:
+    root: str = _f("", "image folder; empty with ann empty = the built-in synthetic dataset's split")
+    ann: str = _f("", "COCO instances JSON; empty = the built-in synthetic dataset's split")
+
+
+@dataclass
+class SynthConfig:
+    seed: int = _f(0, "seed of the built-in dataset (splits use seeds derived from it)")
+    num_train: int = _f(800, "training images of the built-in dataset")
+    num_val: int = _f(200, "validation images of the built-in dataset")
+    num_test: int = _f(200, "test images of the built-in dataset (report numbers on these only)")
+    size: int = _f(128, "side of the built-in dataset's square images in pixels")
+    cache_dir: str = _f("", "where the built-in dataset is generated once; empty = $LGD_CACHE or ~/.cache/lgd")
+
+
+@dataclass
+class DataConfig:
+    train: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "training split"})
+    val: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "validation split (periodic eval)"})
+    test: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "test split (benchmarks report on it)"})
+    synth: SynthConfig = field(default_factory=SynthConfig, metadata={"help": "the built-in dataset"})
+    filter_empty: bool = _f(True, "drop training images without annotations (evaluation always keeps them)")
+    hflip_prob: float = _f(0.5, "probability of a horizontal flip in training")
+    batch_size: int = _f(8, "training images per iteration (all processes together)")
+    eval_batch_size: int = _f(8, "images per evaluation batch")
+    workers: int = _f(2, "data-loading worker processes (0 = load in the main process)")
+    aspect_ratio_grouping: bool = _f(True, "batch landscape and portrait images separately")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("retinanet", "detector: retinanet | fcos | fasterrcnn | maskrcnn")
+    depth: int = _f(50, "ResNet depth of the backbone: 18 | 34 | 50 | 101")
+    fpn_channels: int = _f(256, "FPN width C (the paper uses 256)")
+    norm: str = _f("frozen_bn", "backbone normalisation: frozen_bn | bn | gn (use bn or gn when training from scratch)")
+    head_norm: str = _f("none", "detection-head normalisation for RetinaNet: none | gn (FCOS always uses GN)")
+    weights: str = _f("", "whole-detector weights: a torchvision weight name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1) or a .pth file")
+    backbone_weights: str = _f("", "backbone weights: a torchvision name (e.g. ResNet50_Weights.IMAGENET1K_V1) or a .pth file; empty = from scratch")
+    trainable_layers: int = _f(5, "ResNet stages that train (0-5); 5 = all, as needed from scratch")
+    min_size: list = _f([800], "shorter image side after resizing; several values = multi-scale training (one drawn per batch)")
+    max_size: int = _f(1333, "longer image side cap after resizing")
+    test_min_size: int = _f(0, "shorter side at evaluation; 0 = the largest of min_size")
+    score_thresh: float = _f(0.05, "minimum score of a returned detection")
+    detections_per_img: int = _f(100, "detections kept per image")
+
+
+@dataclass
+class SolverConfig:
+    max_iter: int = _f(180000, "training iterations")
+    base_lr: float = _f(0.01, "student learning rate (SGD)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(1e-4, "SGD weight decay")
+    schedule: str = _f("multistep", "learning-rate decay: multistep | cosine")
+    steps: list = _f([120000, 160000], "iterations where multistep multiplies the rate by gamma")
+    gamma: float = _f(0.1, "multistep decay factor")
+    warmup_iters: int = _f(1000, "linear warm-up iterations")
+    warmup_factor: float = _f(0.001, "learning-rate multiplier at iteration 0 of the warm-up")
+    clip_grad_norm: float = _f(1.0, "clip each optimiser's gradient L2 norm to this (0 = off)")
+
+
+@dataclass
+class LGDConfig:
+    enabled: bool = _f(True, "train with LGD; false = the plain baseline with the identical recipe")
+    context_box: Optional[bool] = _f(None, "add a whole-image context object; null = detector's reference default (RetinaNet on, others off)")
+    detach_appearance: Optional[bool] = _f(None, "detach student features in the appearance encoder; null = reference default (R-CNNs on, one-stage off)")
+    class_format: str = _f("one_hot", "class part of the label descriptor: one_hot | norm_classes")
+    attention: str = _f("student_guided", "inter-object relation pattern: student_guided | label_guided | student_fill | teacher_fill")
+    mask_guided: bool = _f(False, "Mask R-CNN only: instance masks instead of boxes for inside masks, plus a 7x7 mask crop in the descriptor")
+    distill_weight: float = _f(1.0, "lambda, the weight of the distillation loss")
+    pre_distill_iters: int = _f(30000, "first iterations where only the adapter learns from the distillation loss")
+    post_distill_iters: int = _f(0, "last iterations where only the adapter learns from the distillation loss")
+    freeze_backbone_iters: int = _f(0, "first iterations where the backbone body gets no update (20000 in the reference with ImageNet weights)")
+    teacher_lr: float = _f(0.01, "teacher learning rate (same schedule shape as the student's)")
+    teacher_momentum: float = _f(0.9, "teacher SGD momentum")
+    teacher_weight_decay: float = _f(1e-4, "teacher SGD weight decay")
+
+
+@dataclass
+class Config:
+    output_dir: str = _f("outputs/run", "where checkpoints, metrics, plots and the resolved config go")
+    seed: int = _f(0, "seed of initialisation, data order and augmentation")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+    eval_period: int = _f(0, "evaluate on val every this many iterations (0 = only at the end)")
+    checkpoint_period: int = _f(1000, "write a checkpoint every this many iterations (and at the end)")
+    log_period: int = _f(20, "iterations between metrics.jsonl / TensorBoard records")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and loading"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the detector (the student)"})
+    solver: SolverConfig = field(default_factory=SolverConfig, metadata={"help": "student optimisation"})
+    lgd: LGDConfig = field(default_factory=LGDConfig, metadata={"help": "label-guided self-distillation"})
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("retinanet", "fcos", "fasterrcnn", "maskrcnn"),
+    "model.norm": ("frozen_bn", "bn", "gn"),
+    "model.head_norm": ("none", "gn"),
+    "solver.schedule": ("multistep", "cosine"),
+    "lgd.class_format": ("one_hot", "norm_classes"),
+    "lgd.attention": ("student_guided", "label_guided", "student_fill", "teacher_fill"),
+}
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every leaf key in dotted form, mapped to its dataclass field."""
+    out: dict[str, dataclasses.Field] = {}
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        key = prefix + f.name
+        if is_dataclass(hints[f.name]):
+            out.update(all_keys(hints[f.name], key + "."))
+        else:
+            out[key] = f
+    return out
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint} (run `lgd config` to list every key)")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    origin = get_origin(annotation)
+    if origin is Union:
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(key, value, inner[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"config key '{key}' expects true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        try:
+            number = float(value) if annotation is float else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects {'an integer' if annotation is int else 'a number'}, got {value!r}") from None
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return number
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        value = "" if value is None else str(value)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}; got '{value}'")
+        return value
+    if annotation is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_scalar(key, v) for v in value]
+    raise ConfigError(f"config key '{key}' has an unsupported type")
+
+
+def _scalar(key: str, v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' expects a list of integers, got element {v!r}") from None
+    return v
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in all_keys():
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key, checking that it exists and coercing the value to its type."""
+    keys = all_keys()
+    if key not in keys:
+        raise _unknown(key)
+    *path, leaf = key.split(".")
+    node: Any = cfg
+    for p in path:
+        node = getattr(node, p)
+    annotation = get_type_hints(type(node))[leaf]
+    setattr(node, leaf, _coerce(key, value, annotation))
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides, in that order.
+
+    A YAML file may name a ``_base_`` file (relative to itself) whose values it extends.
+    """
+    cfg = Config()
+    if path:
+        for key, value in _read_yaml(Path(path)).items():
+            set_key(cfg, key, value)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. solver.max_iter=200)")
+        key, value = item.split("=", 1)
+        set_key(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(tree).__name__}")
+    flat: dict[str, Any] = {}
+    base = tree.pop("_base_", None)
+    if base:
+        flat.update(_read_yaml(path.parent / base))
+    flat.update(_flatten(tree))
+    for key in flat:
+        if key not in all_keys():
+            raise ConfigError(f"in {path}: {_unknown(key)}")
+    return flat
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    if cfg.solver.max_iter <= 0:
+        raise ConfigError("solver.max_iter must be positive")
+    if cfg.data.batch_size <= 0 or cfg.data.eval_batch_size <= 0:
+        raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
+    if cfg.model.depth not in (18, 34, 50, 101):
+        raise ConfigError(f"model.depth must be one of 18, 34, 50, 101; got {cfg.model.depth}")
+    if not cfg.model.min_size or any(s <= 0 for s in cfg.model.min_size):
+        raise ConfigError("model.min_size must be a non-empty list of positive sizes")
+    if cfg.lgd.mask_guided and cfg.model.arch != "maskrcnn":
+        raise ConfigError("lgd.mask_guided needs instance masks: set model.arch=maskrcnn or lgd.mask_guided=false")
+    for split in ("train", "val", "test"):
+        s = getattr(cfg.data, split)
+        if bool(s.root) != bool(s.ann):
+            raise ConfigError(f"data.{split}: give both root and ann (or neither, for the built-in dataset)")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def describe() -> str:
+    """Every key with its default and meaning, for ``lgd config``."""
+    defaults = _flatten(to_dict(Config()))
+    lines = []
+    for key, f in all_keys().items():
+        lines.append(f"{key} = {defaults[key]!r}\n    {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

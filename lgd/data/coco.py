@@ -1,0 +1,336 @@
+"""COCO instances dataset: validated loading, contiguous labels, tv_tensors targets."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from PIL import Image, UnidentifiedImageError
+from pycocotools.coco import COCO
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from lgd.errors import DatasetError
+
+Index = Union[int, tuple[int, int]]
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format instances file and its image folder.
+
+    Sample ``i`` is ``(image, target)``: ``image`` a float32 ``tv_tensors.Image`` (3, H, W)
+    in [0, 1]; ``target`` a dict with "boxes" (N, 4) XYXY ``tv_tensors.BoundingBoxes``,
+    "labels" (N,) int64 in ``label_offset .. label_offset + K - 1``, "image_id" (int) and,
+    with ``with_masks``, "masks" (N, H, W) uint8 ``tv_tensors.Mask``. Crowd annotations and
+    boxes with no area inside the image are left out of targets; ``self.coco`` still holds
+    the whole file for evaluation.
+
+    Index with ``(i, sample_seed)`` to make random transforms a pure function of the seed.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        ann_file: str | Path,
+        transforms: Callable[..., Any] | None = None,
+        label_offset: int = 0,
+        with_masks: bool = False,
+        filter_empty: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.ann_file = Path(ann_file)
+        self.transforms = transforms
+        self.label_offset = label_offset
+        self.with_masks = with_masks
+
+        self._dataset = _load_json(self.ann_file)
+        images, categories = _validate(self._dataset, self.ann_file)
+        self.cat_ids: list[int] = sorted(categories)
+        self.class_names: list[str] = [categories[c] for c in self.cat_ids]
+        self._cat_to_index = {c: i for i, c in enumerate(self.cat_ids)}
+        self._images = images
+        self._image_pos = {image_id: pos for pos, image_id in enumerate(images)}
+        self._collect_targets()
+        counts = np.diff(self._starts)
+        self.ids: list[int] = [
+            image_id for image_id, count in zip(images, counts.tolist()) if count > 0 or not filter_empty
+        ]
+        self._coco: COCO | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """K, the number of foreground classes."""
+        return len(self.cat_ids)
+
+    @property
+    def coco(self) -> COCO:
+        """pycocotools index over the whole validated file (crowds included), built on first use."""
+        if self._coco is None:
+            coco = COCO()
+            coco.dataset = self._dataset
+            with contextlib.redirect_stdout(io.StringIO()):
+                coco.createIndex()
+            self._coco = coco
+        return self._coco
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes never evaluate; rebuilding the index there on demand beats pickling it.
+        state = self.__dict__.copy()
+        state["_coco"] = None
+        return state
+
+    def label_to_category_id(self, label: int) -> int:
+        """Category id of a model label (``label = class index + label_offset``)."""
+        index = int(label) - self.label_offset
+        if not 0 <= index < len(self.cat_ids):
+            raise ValueError(f"label {label} is outside {self.label_offset}..{self.label_offset + len(self.cat_ids) - 1}")
+        return self.cat_ids[index]
+
+    def category_id_to_label(self, category_id: int) -> int:
+        """Model label of a category id; the inverse of :meth:`label_to_category_id`."""
+        try:
+            return self._cat_to_index[int(category_id)] + self.label_offset
+        except KeyError:
+            raise ValueError(f"category id {category_id} is not in {self.ann_file}") from None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_info(self, idx: int) -> dict[str, Any]:
+        """The image record of sample ``idx`` as it appears in the JSON."""
+        return self._images[self.ids[idx]]
+
+    def aspect_ratio(self, idx: int) -> float:
+        """Width / height of sample ``idx`` from the JSON, without reading the image."""
+        info = self.image_info(idx)
+        return info["width"] / info["height"]
+
+    def __getitem__(self, index: Index) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        if isinstance(index, tuple):
+            idx, sample_seed = index
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                return self._sample(idx)
+        return self._sample(index)
+
+    def _sample(self, idx: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        image_id = self.ids[idx]
+        info = self._images[image_id]
+        height, width = info["height"], info["width"]
+        pos = self._image_pos[image_id]
+        rows = slice(self._starts[pos], self._starts[pos + 1])
+        image = tv_tensors.Image(F.pil_to_tensor(self._read_image(info)))
+        target: dict[str, Any] = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.from_numpy(self._boxes[rows].copy()), format="XYXY", canvas_size=(height, width)
+            ),
+            "labels": torch.from_numpy(self._labels[rows] + self.label_offset),
+            "image_id": image_id,
+        }
+        if self.with_masks:
+            target["masks"] = tv_tensors.Mask(_decode_masks(self._segments[rows], height, width))
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        if not image.is_floating_point():
+            image = F.to_dtype(image, torch.float32, scale=True)
+        return image, target
+
+    def _read_image(self, info: dict[str, Any]) -> Image.Image:
+        path = self.root / info["file_name"]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                rgb = img.convert("RGB")
+        except FileNotFoundError:
+            raise DatasetError(f"image file {path} (image id {info['id']}) does not exist") from None
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DatasetError(f"image file {path} (image id {info['id']}) cannot be decoded: {exc}") from None
+        if rgb.size != (info["width"], info["height"]):
+            raise DatasetError(
+                f"image file {path} (image id {info['id']}) is {rgb.size[0]}x{rgb.size[1]} pixels but "
+                f"{self.ann_file} says width={info['width']}, height={info['height']}"
+            )
+        return rgb
+
+    def _collect_targets(self) -> None:
+        """Build the training targets of every image, as flat arrays sliced per image.
+
+        ``_boxes`` (M, 4) float32 XYXY clipped to the image, ``_labels`` (M,) int64 class
+        indices and, with masks, ``_segments`` (M segmentations), grouped by image in file
+        order; image ``p`` owns rows ``_starts[p]:_starts[p + 1]``. Boxes left with no area
+        are dropped, and each kind of fix is reported once with a count and an example id.
+        """
+        anns = [a for a in self._dataset["annotations"] if not a["iscrowd"]]
+        positions = np.array([self._image_pos[a["image_id"]] for a in anns], dtype=np.int64)
+        sizes = np.array([[info["width"], info["height"]] for info in self._images.values()], dtype=np.float64)
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        clipped = np.clip(xyxy, 0, np.tile(sizes.reshape(-1, 2)[positions], 2))
+        positive = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
+        keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        ann_ids = np.array([a["id"] for a in anns], dtype=np.int64)
+        self._warn_once(ann_ids[~positive], "skipped {n} annotations with zero-size boxes")
+        self._warn_once(ann_ids[positive & ~keep], "skipped {n} annotations with boxes entirely outside their image")
+        self._warn_once(ann_ids[keep & np.any(clipped != xyxy, axis=1)], "clipped {n} boxes that extend outside their image")
+
+        kept = np.flatnonzero(keep)
+        order = kept[np.argsort(positions[kept], kind="stable")]
+        self._boxes = clipped[order].astype(np.float32)
+        self._labels = np.array(
+            [self._cat_to_index[anns[i]["category_id"]] for i in order], dtype=np.int64
+        ).reshape(-1)
+        self._starts = np.concatenate([[0], np.cumsum(np.bincount(positions[order], minlength=len(sizes)))])
+        self._segments: list[Any] = []
+        if self.with_masks:
+            dropped: list[int] = []
+            self._segments = [_usable_segmentation(anns[i], self.ann_file, dropped) for i in order]
+            self._warn_once(np.array(dropped), "ignored polygons with fewer than 3 points in {n} annotations")
+
+    def _warn_once(self, ann_ids: np.ndarray, text: str) -> None:
+        if len(ann_ids):
+            warnings.warn(
+                f"{text.format(n=len(ann_ids))} in {self.ann_file} (e.g. annotation id {ann_ids[0]})", stacklevel=4
+            )
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"annotation file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(
+            f"annotation file {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+        ) from None
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DatasetError(f"annotation file {path} cannot be read: {exc}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"annotation file {path}: top level must be an object, found {type(data).__name__}")
+    return data
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _validate(data: dict[str, Any], path: Path) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Check the structure ``CocoDetection`` relies on; fill "area"/"iscrowd" that COCOeval needs.
+
+    Returns image records by id (file order) and category names by id.
+    """
+    missing = [key for key in ("images", "annotations", "categories") if key not in data]
+    if missing:
+        raise DatasetError(f"annotation file {path} lacks the top-level key(s) {', '.join(map(repr, missing))}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise DatasetError(f"annotation file {path}: '{key}' must be a list")
+
+    categories: dict[int, str] = {}
+    for cat in data["categories"]:
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or isinstance(cat.get("id"), bool):
+            raise DatasetError(f"annotation file {path}: category record {cat!r} has no integer 'id'")
+        if cat["id"] in categories:
+            raise DatasetError(f"annotation file {path}: duplicate category id {cat['id']}")
+        categories[cat["id"]] = str(cat.get("name", cat["id"]))
+
+    images: dict[int, dict[str, Any]] = {}
+    for img in data["images"]:
+        if not isinstance(img, dict) or not isinstance(img.get("id"), int) or isinstance(img.get("id"), bool):
+            raise DatasetError(f"annotation file {path}: image record {img!r} has no integer 'id'")
+        image_id = img["id"]
+        if image_id in images:
+            raise DatasetError(f"annotation file {path}: duplicate image id {image_id}")
+        if not isinstance(img.get("file_name"), str) or not img["file_name"]:
+            raise DatasetError(f"annotation file {path}: image id {image_id} lacks field 'file_name'")
+        for dim in ("width", "height"):
+            if not _is_positive_int(img.get(dim)):
+                raise DatasetError(
+                    f"annotation file {path}: image id {image_id} lacks field '{dim}' "
+                    f"(a positive integer; found {img.get(dim)!r})"
+                )
+        images[image_id] = img
+
+    ann_ids: set[int] = set()
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict) or not isinstance(ann.get("id"), int) or isinstance(ann.get("id"), bool):
+            raise DatasetError(f"annotation file {path}: annotation record {_short(ann)} has no integer 'id'")
+        ann_id = ann["id"]
+        if ann_id in ann_ids:
+            raise DatasetError(f"annotation file {path}: duplicate annotation id {ann_id}")
+        ann_ids.add(ann_id)
+        if ann.get("image_id") not in images:
+            raise DatasetError(
+                f"annotation file {path}: annotation id {ann_id} has field 'image_id' = {ann.get('image_id')!r}, "
+                f"which is not an image id in 'images'"
+            )
+        if ann.get("category_id") not in categories:
+            raise DatasetError(
+                f"annotation file {path}: annotation id {ann_id} has field 'category_id' = "
+                f"{ann.get('category_id')!r}, which is not a category id in 'categories'"
+            )
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            raise DatasetError(
+                f"annotation file {path}: annotation id {ann_id} (image id {ann['image_id']}) has field 'bbox' = "
+                f"{bbox!r}; expected 4 numbers [x, y, width, height]"
+            )
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(bbox[2] * bbox[3]))
+    return images, categories
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _usable_segmentation(ann: dict[str, Any], path: Path, dropped_polygons: list[int]) -> Any:
+    """The annotation's segmentation in a form ``_decode_masks`` takes; short polygons are dropped.
+
+    pycocotools reads a 4-number polygon as a box, so polygons need at least 3 points.
+    """
+    segm = ann.get("segmentation")
+    if isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        return segm
+    if isinstance(segm, list) and all(isinstance(p, list) and all(_is_number(v) for v in p) for p in segm):
+        polygons = [p for p in segm if len(p) >= 6 and len(p) % 2 == 0]
+        if len(polygons) < len(segm):
+            dropped_polygons.append(ann["id"])
+        return polygons
+    raise DatasetError(
+        f"annotation file {path}: annotation id {ann['id']} (image id {ann['image_id']}) has field "
+        f"'segmentation' = {_short(segm)}; expected polygons or RLE (needed for masks)"
+    )
+
+
+def _decode_masks(segments: list[Any], height: int, width: int) -> torch.Tensor:
+    """Binary masks (N, H, W) uint8 from COCO polygons / RLE, as ``COCO.annToMask`` decodes them."""
+    if not segments:
+        return torch.zeros((0, height, width), dtype=torch.uint8)
+    rles = []
+    for segm in segments:
+        if isinstance(segm, list):
+            rles.append(mask_utils.merge(mask_utils.frPyObjects(segm, height, width)) if segm else _empty_rle(height, width))
+        elif isinstance(segm["counts"], list):
+            rles.append(mask_utils.frPyObjects(segm, height, width))
+        else:
+            rles.append(segm)
+    masks = mask_utils.decode(rles)  # (H, W, N), Fortran order
+    return torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1)))
+
+
+def _empty_rle(height: int, width: int) -> dict[str, Any]:
+    return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]

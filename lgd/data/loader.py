@@ -1,0 +1,123 @@
+"""Data loaders: an infinite, resumable training stream and a one-pass evaluation loader."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lgd.errors import DatasetError
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Turn B samples into (B images as plain (3, H_i, W_i) tensors, B target dicts)."""
+    images = [image.as_subclass(torch.Tensor) for image, _ in batch]
+    targets = [target for _, target in batch]
+    return images, targets
+
+
+class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Endless stream of batches of ``(index, sample_seed)``, a pure function of ``seed``.
+
+    Epoch ``e`` visits every image once in an order drawn from ``(seed, e)``, each visit
+    with its own sample seed so augmentation differs between epochs yet is reproducible.
+    With ``aspect_ratio_grouping``, landscape (w/h >= 1) and portrait images fill separate
+    batches (a batch never mixes them); an unfinished batch carries over into the next
+    epoch, as the stream is endless. ``start_iter`` skips that many batches by computing
+    indices only, so resuming at iteration N gives batch N, N+1, ... of an uninterrupted
+    run. With ``world_size`` > 1 the stream is dealt round-robin: rank r gets global batches
+    r, r + world_size, ...; ``start_iter`` counts this rank's batches.
+    """
+
+    def __init__(
+        self,
+        aspect_ratios: Sequence[float],
+        batch_size: int,
+        seed: int,
+        aspect_ratio_grouping: bool = True,
+        start_iter: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if len(aspect_ratios) == 0:
+            raise DatasetError("the training set has no images")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        ratios = np.asarray(aspect_ratios, dtype=np.float64)
+        self.groups = (ratios < 1.0).astype(np.int64) if aspect_ratio_grouping else np.zeros(len(ratios), np.int64)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_iter = start_iter
+        self.rank = rank
+        self.world_size = world_size
+
+    def _global_batches(self) -> Iterator[list[tuple[int, int]]]:
+        buckets: dict[int, list[tuple[int, int]]] = {0: [], 1: []}
+        epoch = 0
+        while True:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.groups))
+            sample_seeds = rng.integers(0, 2**31 - 1, size=len(order))
+            for idx, sample_seed, group in zip(order.tolist(), sample_seeds.tolist(), self.groups[order].tolist()):
+                bucket = buckets[group]
+                bucket.append((idx, sample_seed))
+                if len(bucket) == self.batch_size:
+                    yield bucket
+                    buckets[group] = []
+            epoch += 1
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        skip = self.start_iter * self.world_size + self.rank
+        for position, batch in enumerate(self._global_batches()):
+            if position >= skip and (position - skip) % self.world_size == 0:
+                yield batch
+
+
+def _aspect_ratios(dataset: Dataset) -> list[float]:
+    ratio = getattr(dataset, "aspect_ratio", None)
+    n = len(dataset)  # type: ignore[arg-type]
+    return [ratio(i) for i in range(n)] if ratio is not None else [1.0] * n
+
+
+def build_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    workers: int,
+    aspect_ratio_grouping: bool = True,
+    start_iter: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """Endless training loader over ``dataset`` (indexed with ``(idx, sample_seed)``), see :class:`TrainBatchSampler`.
+
+    A dataset without ``aspect_ratio(idx)`` counts as all landscape.
+    """
+    sampler = TrainBatchSampler(
+        _aspect_ratios(dataset), batch_size, seed, aspect_ratio_grouping, start_iter, rank, world_size
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
+
+
+def build_eval_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLoader:
+    """Loader that visits every image of ``dataset`` once, in index order."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+    )

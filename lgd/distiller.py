@@ -1,0 +1,183 @@
+"""LGD around a torchvision detector: student + implicit teacher + adapter, the three losses, the schedule.
+
+    lgd = LGD(torchvision_detector, num_classes=K)
+    losses = lgd(images, targets)      # training: student, teacher/ and distillation terms
+    detections = lgd.eval()(images)    # inference: exactly the wrapped detector
+
+The teacher and the adapter exist only for training; ``lgd.student`` is the deployable model.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lgd.config import LGDConfig
+from lgd.detectors import DetectorAdapter, Targets, adapter_for
+from lgd.teacher import ImplicitTeacher, TeacherOutput
+
+
+class FeatureAdapter(nn.Module):
+    """The student-side adapter of the distillation loss, shared by all levels (LGD_SPEC section 7).
+
+    conv3x3, ReLU, conv3x3, ReLU, conv3x3 (C -> C, with bias): (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+def distillation_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+    """Mean squared error between instance-normalised features over all levels concatenated.
+
+    ``student`` (adapted) and ``teacher`` levels are (B, C, H_l, W_l); the teacher is detached here, so the
+    distillation loss never trains the teacher.
+    """
+    squared, count = student[0].new_zeros(()), 0
+    for s, t in zip(student, teacher):
+        diff = F.instance_norm(s) - F.instance_norm(t.detach())
+        squared = squared + diff.pow(2).sum()
+        count += diff.numel()
+    return squared / max(count, 1)
+
+
+def _padded_masks(targets: Targets, size: tuple[int, int]) -> list[Tensor]:
+    """Instance masks resized by the detector's transform, zero-padded to the batch frame: (N_i, H, W)."""
+    out = []
+    for t in targets:
+        m = t["masks"]
+        out.append(F.pad(m, (0, size[1] - m.shape[-1], 0, size[0] - m.shape[-2])))
+    return out
+
+
+class LGD(nn.Module):
+    """Label-guided self-distillation wrapped around a torchvision RetinaNet, FCOS, Faster or Mask R-CNN.
+
+    Args:
+        detector: the student, a torchvision detection model; it stays untouched and is what you deploy.
+        num_classes: K foreground classes (targets' labels are the detector's own: 0..K-1 for one-stage
+            detectors, 1..K for the R-CNNs); defaults to what the detector predicts.
+        config: LGD settings; ``None`` fields take the detector family's reference defaults.
+        max_iter: total training iterations, needed only for ``post_distill_iters``.
+    """
+
+    def __init__(
+        self,
+        detector: nn.Module,
+        num_classes: Optional[int] = None,
+        config: Optional[LGDConfig] = None,
+        max_iter: int = 0,
+    ) -> None:
+        super().__init__()
+        cfg = config or LGDConfig()
+        self.student = detector
+        self.detector: DetectorAdapter = adapter_for(detector)
+        if num_classes is None:
+            num_classes = _predicted_classes(detector) - self.detector.label_offset
+        ref = self.detector.reference
+        self.context_box = ref["context_box"] if cfg.context_box is None else cfg.context_box
+        self.detach_appearance = ref["detach_appearance"] if cfg.detach_appearance is None else cfg.detach_appearance
+        self.mask_guided = cfg.mask_guided
+        self.teacher = ImplicitTeacher(
+            num_classes,
+            channels=self.detector.channels,
+            context_box=self.context_box,
+            class_format=cfg.class_format,
+            attention=cfg.attention,
+            detach_appearance=self.detach_appearance,
+            mask_guided=cfg.mask_guided,
+        )
+        self.adapter = FeatureAdapter(self.detector.channels)
+        self.num_classes = num_classes
+        self.distill_weight = cfg.distill_weight
+        self.pre_distill_iters = cfg.pre_distill_iters
+        self.post_distill_iters = cfg.post_distill_iters
+        self.freeze_backbone_iters = cfg.freeze_backbone_iters
+        self.max_iter = max_iter
+        self._body_trainable = [p for p in self.detector.backbone_body.parameters() if p.requires_grad]
+        self.iteration = 0
+
+    def set_iteration(self, iteration: int) -> None:
+        """Apply the schedule's windows for this iteration (call before each training step)."""
+        self.iteration = iteration
+        frozen = iteration < self.freeze_backbone_iters
+        for p in self._body_trainable:
+            p.requires_grad_(not frozen)
+
+    @property
+    def student_detached(self) -> bool:
+        """True inside the windows where only the adapter learns from the distillation loss."""
+        post_start = self.max_iter - self.post_distill_iters if self.post_distill_iters else None
+        return self.iteration < self.pre_distill_iters or (post_start is not None and self.iteration >= post_start)
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """What the student optimiser updates: the detector and the adapter."""
+        return list(self.student.parameters()) + list(self.adapter.parameters())
+
+    def teacher_parameters(self) -> list[nn.Parameter]:
+        return list(self.teacher.parameters())
+
+    def forward(self, images: list[Tensor], targets: Optional[Targets] = None):
+        if not self.training:
+            return self.student(images)
+        if targets is None:
+            raise ValueError("LGD needs targets in training mode")
+        image_list, targets = self.detector.preprocess(images, targets)
+        features = self.detector.features(image_list)
+        teacher = self.teach(image_list.tensors.shape[-2:], features, targets)
+        index = teacher.has_objects.nonzero().flatten()
+        t_feats = teacher.features if len(index) == len(targets) else [t[index] for t in teacher.features]
+        student_losses, teacher_losses = self.detector.losses(
+            image_list, targets, features, t_feats if len(index) else None, index
+        )
+        losses = dict(student_losses)
+        losses.update({f"teacher/{k}": v for k, v in teacher_losses.items()})
+        losses["loss_distill"] = self.distill_weight * self._distill(list(features.values()), t_feats, index)
+        return losses
+
+    def teach(self, size: torch.Size, features: "OrderedDict[str, Tensor]", targets: Targets) -> TeacherOutput:
+        """The implicit teacher's features for a batch already in the detector's padded frame."""
+        classes = [t["labels"] - self.detector.label_offset for t in targets]
+        masks = _padded_masks(targets, tuple(size)) if self.mask_guided else None
+        return self.teacher(list(features.values()), [t["boxes"] for t in targets], classes, tuple(size), masks)
+
+    def _distill(self, student: list[Tensor], teacher: list[Tensor], index: Tensor) -> Tensor:
+        if len(index) == 0:
+            # keeps every adapter parameter in the graph (DDP) while contributing nothing
+            return sum(p.sum() for p in self.adapter.parameters()) * 0.0
+        if len(index) != student[0].shape[0]:
+            student = [s[index] for s in student]
+        if self.student_detached:
+            student = [s.detach() for s in student]
+        return distillation_loss([self.adapter(s) for s in student], teacher)
+
+    @torch.no_grad()
+    def teacher_detect(self, images: list[Tensor], targets: Targets) -> list[dict[str, Tensor]]:
+        """The diagnostic: the student's head run on the teacher's features (needs ground truth: an upper bound)."""
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        image_list, targets = self.detector.preprocess(images, targets)
+        features = self.detector.features(image_list)
+        teacher = self.teach(image_list.tensors.shape[-2:], features, targets)
+        t_features = OrderedDict(zip(features.keys(), teacher.features))
+        return self.detector.detect(image_list, t_features, original_sizes)
+
+
+def _predicted_classes(detector: nn.Module) -> int:
+    head = getattr(detector, "head", None)
+    if head is not None:
+        return head.classification_head.num_classes
+    return detector.roi_heads.box_predictor.cls_score.out_features
+

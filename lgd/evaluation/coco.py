@@ -1,0 +1,241 @@
+"""COCO-style evaluation with pycocotools: detector outputs -> result records -> AP.
+
+Units: every AP here is in percent (0-100), as papers and the LGD spec report it. Where
+pycocotools reports -1 (no ground-truth object of that kind, e.g. no small objects), the
+value is NaN, so that it cannot be mistaken for a real score or averaged in by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from lgd.errors import DatasetError
+
+IOU_TYPES = ("bbox", "segm")
+# Names of the first six entries of COCOeval.stats, in order.
+AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def detections_to_coco(
+    outputs: list[dict[str, torch.Tensor]],
+    image_ids: list[int],
+    label_to_category_id: Callable[[int], int],
+    with_masks: bool = False,
+    mask_threshold: float = 0.5,
+) -> list[dict]:
+    """Turn torchvision detection outputs into COCO result records.
+
+    Args:
+        outputs: one dict per image with "boxes" (N, 4) XYXY in original image pixels,
+            "scores" (N,), "labels" (N,) and, when `with_masks`, "masks" (N, 1, H, W) or
+            (N, H, W) float probabilities.
+        image_ids: the COCO image id of each output, same length as `outputs`.
+        label_to_category_id: maps a model label to the dataset's category id.
+        with_masks: add a "segmentation" RLE (counts as str, JSON-serialisable).
+        mask_threshold: probability above which a mask pixel is foreground.
+
+    Returns:
+        One record per detection: {"image_id", "category_id", "bbox": [x, y, w, h], "score"}
+        plus "segmentation" with masks.
+    """
+    if len(outputs) != len(image_ids):
+        raise ValueError(f"{len(outputs)} outputs but {len(image_ids)} image ids")
+    category_of: dict[int, int] = {}
+    records: list[dict] = []
+    for output, image_id in zip(outputs, image_ids):
+        boxes = output["boxes"].detach().to("cpu", torch.float64)
+        if boxes.numel() == 0:
+            continue
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        scores = output["scores"].detach().cpu().tolist()
+        labels = output["labels"].detach().cpu().tolist()
+        for label in set(labels) - category_of.keys():
+            category_of[label] = int(label_to_category_id(label))
+        rles: list[dict] | None = None
+        if with_masks:
+            rles = _encode_masks(output["masks"], mask_threshold)
+        for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+            record = {
+                "image_id": int(image_id),
+                "category_id": category_of[label],
+                "bbox": box,
+                "score": float(score),
+            }
+            if rles is not None:
+                record["segmentation"] = rles[i]
+            records.append(record)
+    return records
+
+
+def _encode_masks(masks: torch.Tensor, threshold: float) -> list[dict]:
+    """(N, 1, H, W) or (N, H, W) probabilities -> N RLE dicts with str counts."""
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    binary = (masks.detach() > threshold).to("cpu", torch.uint8).numpy()
+    # pycocotools encodes a whole (H, W, N) Fortran-ordered stack in one call.
+    rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+@dataclass
+class EvalResult:
+    """What one COCO evaluation found.
+
+    Attributes:
+        metrics: "bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl"
+            (and "segm/..." for masks), in percent; NaN where COCO has no such objects.
+        per_class: iou type -> class name -> AP (IoU 0.50:0.95, all areas) in percent,
+            NaN for a class with no ground truth.
+        summary: iou type -> the 12-line summary text pycocotools prints.
+    """
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
+    summary: dict[str, str] = field(default_factory=dict)
+
+    def table(self, iou_type: str = "bbox", columns: int = 3) -> str:
+        """Per-class AP as an aligned text table, `columns` (class, AP) pairs per row."""
+        if iou_type not in self.per_class:
+            raise ValueError(
+                f"no per-class results for iou type {iou_type!r}; have {sorted(self.per_class)}"
+            )
+        cells = [(name, _format_ap(ap)) for name, ap in self.per_class[iou_type].items()]
+        name_width = max([len("category")] + [len(name) for name, _ in cells])
+        ap_width = max([len("AP")] + [len(ap) for _, ap in cells])
+        pairs_per_row = max(1, min(columns, len(cells)))
+
+        def row(pairs: Sequence[tuple[str, str]]) -> str:
+            return " | ".join(f"{n:<{name_width}} | {a:>{ap_width}}" for n, a in pairs)
+
+        header = row([("category", "AP")] * pairs_per_row)
+        rule = "-" * len(header)
+        body = [row(cells[i : i + pairs_per_row]) for i in range(0, len(cells), pairs_per_row)]
+        return "\n".join([header, rule, *body])
+
+
+def _format_ap(ap: float) -> str:
+    return "n/a" if math.isnan(ap) else f"{ap:.3f}"
+
+
+def evaluate_coco(
+    coco_gt: COCO,
+    results: list[dict],
+    iou_types: Sequence[str] = ("bbox",),
+    class_names: Sequence[str] | None = None,
+    cat_ids: Sequence[int] | None = None,
+    image_ids: Sequence[int] | None = None,
+) -> EvalResult:
+    """Run COCOeval for each iou type and collect the numbers.
+
+    Args:
+        coco_gt: ground truth; its images may have no annotations.
+        results: records as made by `detections_to_coco`; may be empty (every AP is then 0,
+            or NaN where there is no ground truth either). Not modified.
+        iou_types: any of "bbox", "segm" ("segm" needs "segmentation" in the records).
+        class_names: names for the per-class table, one per evaluated category, in the
+            order of `cat_ids` (default: the dataset's category names).
+        cat_ids: categories to evaluate (default: all of coco_gt, sorted).
+        image_ids: images to evaluate (default: all of coco_gt).
+
+    Raises:
+        DatasetError: a record names an image absent from coco_gt, or class_names and the
+            categories do not match in number.
+    """
+    unknown = set(iou_types) - set(IOU_TYPES)
+    if unknown:
+        raise ValueError(f"unknown iou types {sorted(unknown)}; expected some of {IOU_TYPES}")
+    cat_ids = list(cat_ids) if cat_ids is not None else sorted(coco_gt.getCatIds())
+    if class_names is None:
+        class_names = [coco_gt.cats[c]["name"] for c in cat_ids]
+    if len(class_names) != len(cat_ids):
+        raise DatasetError(
+            f"{len(class_names)} class names given for {len(cat_ids)} categories {cat_ids}"
+        )
+    missing = {r["image_id"] for r in results} - set(coco_gt.getImgIds())
+    if missing:
+        raise DatasetError(
+            f"detections name image ids absent from the ground truth: {sorted(missing)[:10]}"
+        )
+
+    out = EvalResult()
+    for iou_type in iou_types:
+        if iou_type == "segm":
+            if any("segmentation" not in r for r in results):
+                raise ValueError("segm evaluation needs a 'segmentation' in every record")
+            # Without "bbox", loadRes takes each detection's area from its mask rather than
+            # its box, so the small/medium/large split for masks compares mask areas.
+            records = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        else:
+            records = [dict(r) for r in results]
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_dt = coco_gt.loadRes(records) if records else _empty_results(coco_gt)
+            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            evaluator.params.catIds = cat_ids
+            if image_ids is not None:
+                evaluator.params.imgIds = list(image_ids)
+            evaluator.evaluate()
+            evaluator.accumulate()
+        summary = io.StringIO()
+        with contextlib.redirect_stdout(summary):
+            evaluator.summarize()
+        out.summary[iou_type] = summary.getvalue()
+        for name, value in zip(AP_NAMES, evaluator.stats):
+            out.metrics[f"{iou_type}/{name}"] = _to_percent(float(value))
+        out.per_class[iou_type] = dict(zip(class_names, _per_class_ap(evaluator)))
+    return out
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """A result set with no detections; loadRes cannot build one (it reads anns[0])."""
+    res = COCO()
+    res.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": list(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
+    res.createIndex()
+    return res
+
+
+def _to_percent(value: float) -> float:
+    return float("nan") if value < 0 else 100.0 * value
+
+
+def _per_class_ap(evaluator: COCOeval) -> list[float]:
+    """AP over IoU 0.50:0.95, all areas, 100 detections, per category of params.catIds."""
+    # precision: (iou thresholds, recall points, categories, area ranges, max dets).
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    valid = precision > -1
+    counts = valid.sum(axis=(0, 1))
+    sums = np.where(valid, precision, 0.0).sum(axis=(0, 1))
+    return [100.0 * s / n if n else float("nan") for s, n in zip(sums, counts)]
+
+
+def save_results(results: list[dict], path: Path) -> None:
+    """Write result records as JSON, atomically: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
