@@ -40,6 +40,13 @@ class FeatureAdapter(nn.Module):
         return self.layers(x)
 
 
+def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per image and channel over (H, W), no affine: F.instance_norm's maths, but defined for 1x1 maps
+    (small images give 1x1 top levels, where F.instance_norm refuses to run in training)."""
+    var, mean = torch.var_mean(x, dim=(2, 3), unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
 def distillation_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
     """Mean squared error between instance-normalised features over all levels concatenated.
 
@@ -48,7 +55,7 @@ def distillation_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
     """
     squared, count = student[0].new_zeros(()), 0
     for s, t in zip(student, teacher):
-        diff = F.instance_norm(s) - F.instance_norm(t.detach())
+        diff = instance_norm(s) - instance_norm(t.detach())
         squared = squared + diff.pow(2).sum()
         count += diff.numel()
     return squared / max(count, 1)

@@ -89,8 +89,9 @@ def mask_pool(features: Tensor, masks: Tensor) -> Tensor:
         (B, N, C): sum over inside pixels / max(number of inside pixels, 1).
     """
     weights = masks.flatten(2).to(features.dtype)
-    sums = torch.bmm(weights, features.flatten(2).transpose(1, 2))
-    return sums / weights.sum(-1, keepdim=True).clamp(min=1)
+    # Normalising the weights before the product keeps half-precision sums from overflowing.
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1)
+    return torch.bmm(weights, features.flatten(2).transpose(1, 2))
 
 
 def paint(vectors: Tensor, masks: Tensor) -> Tensor:

@@ -1,0 +1,42 @@
+"""Tiny detectors and batches shared by the tests."""
+from __future__ import annotations
+
+import torch
+
+from lgd.config import LGDConfig, ModelConfig
+from lgd.detectors import ARCH_ADAPTERS, build_detector
+from lgd.distiller import LGD
+
+ARCHS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
+
+
+def tiny_detector(arch: str, num_classes: int = 3, channels: int = 32, size: int = 64, norm: str = "bn"):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, depth=18, fpn_channels=channels, norm=norm, min_size=[size], max_size=2 * size)
+    return build_detector(cfg, num_classes)
+
+
+def tiny_lgd(arch: str, num_classes: int = 3, **lgd_options) -> LGD:
+    detector = tiny_detector(arch, num_classes)
+    options = {"pre_distill_iters": 0, **lgd_options}
+    return LGD(detector, num_classes=num_classes, config=LGDConfig(**options), max_iter=100)
+
+
+def batch(arch: str, objects: tuple[int, ...] = (2, 1), size: int = 64, seed: int = 0):
+    """Images and targets in the detector's label convention, with masks for Mask R-CNN."""
+    g = torch.Generator().manual_seed(seed)
+    offset = ARCH_ADAPTERS[arch].label_offset
+    images, targets = [], []
+    for n in objects:
+        images.append(torch.rand(3, size, size, generator=g))
+        xy = torch.rand(n, 2, generator=g) * size * 0.6
+        wh = 4 + torch.rand(n, 2, generator=g) * size * 0.35
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        target = {"boxes": boxes, "labels": torch.randint(0, 3, (n,), generator=g) + offset}
+        if arch == "maskrcnn":
+            masks = torch.zeros(n, size, size, dtype=torch.uint8)
+            for i, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
+                masks[i, y1:y2, x1:x2] = 1
+            target["masks"] = masks
+        targets.append(target)
+    return images, targets

@@ -1,0 +1,90 @@
+import pytest
+import yaml
+
+from lgd.config import Config, all_keys, describe, load_config, save_config
+from lgd.errors import ConfigError
+
+
+def test_defaults_are_the_reference_schedule():
+    cfg = Config()
+    assert cfg.solver.max_iter == 180000 and cfg.solver.steps == [120000, 160000]
+    assert cfg.solver.base_lr == 0.01 and cfg.solver.warmup_iters == 1000 and cfg.solver.warmup_factor == 0.001
+    assert cfg.lgd.pre_distill_iters == 30000 and cfg.lgd.distill_weight == 1.0
+    assert cfg.lgd.class_format == "one_hot" and cfg.lgd.attention == "student_guided"
+    assert cfg.lgd.context_box is None and cfg.lgd.detach_appearance is None  # per-detector reference defaults
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["solver.max_iter=200", "data.train.root=/x", "data.train.ann=/x.json",
+                             "model.min_size=[96,128]", "lgd.enabled=false", "lgd.context_box=null",
+                             "solver.base_lr=0.02"])
+    assert cfg.solver.max_iter == 200 and isinstance(cfg.solver.max_iter, int)
+    assert cfg.data.train.root == "/x"
+    assert cfg.model.min_size == [96, 128]
+    assert cfg.lgd.enabled is False and cfg.lgd.context_box is None
+    assert cfg.solver.base_lr == 0.02
+
+
+def test_unknown_key_names_the_closest_valid_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'solver.max_iters'.*'solver.max_iter'"):
+        load_config(None, ["solver.max_iters=5"])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("lgd:\n  distil_weight: 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'lgd.distil_weight'.*'lgd.distill_weight'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("solver.max_iter=abc", "expects an integer"),
+    ("lgd.enabled=maybe", "expects true or false"),
+    ("model.arch=yolo", "must be one of"),
+    ("solver.max_iter=0", "must be positive"),
+    ("model.depth=42", "model.depth"),
+    ("noequals", "not of the form key=value"),
+    ("data.train.root=/only/root", "give both root and ann"),
+    ("lgd.mask_guided=true", "maskrcnn"),
+])
+def test_bad_values_are_rejected_with_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_yaml_base_and_override_order(tmp_path):
+    (tmp_path / "base.yaml").write_text("solver:\n  max_iter: 50\n  base_lr: 0.5\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nsolver:\n  max_iter: 70\n")
+    cfg = load_config(tmp_path / "child.yaml", ["solver.base_lr=0.25"])
+    assert cfg.solver.max_iter == 70 and cfg.solver.base_lr == 0.25
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "x.yaml"
+    bad.write_text("solver: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["solver.max_iter=33", "model.arch=fcos"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["solver"]["max_iter"] == 33
+
+
+def test_every_key_is_documented():
+    text = describe()
+    for key, f in all_keys().items():
+        assert f.metadata["help"], key
+        assert key in text
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+        load_config(path)
