@@ -391,10 +391,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
             done = it + 1
             if done % cfg.log_period == 0 or done == cfg.solver.max_iter:
                 now = time.perf_counter()
-                values = {k: float(v) for k, v in losses.items()}
-                log.train(done, values, float(total), opt.lrs(), (now - last) / cfg.log_period)
+                values = {k: float(v.detach()) for k, v in losses.items()}
+                log.train(done, values, float(total.detach()), opt.lrs(), (now - last) / cfg.log_period)
                 last = now
-                bar.set_postfix(loss=f"{float(total):.3f}", lr=f"{opt.lrs()[0]:.2g}")
+                bar.set_postfix(loss=f"{float(total.detach()):.3f}", lr=f"{opt.lrs()[0]:.2g}")
             if cfg.eval_period and done % cfg.eval_period == 0 and done < cfg.solver.max_iter:
                 result = evaluate(model, val_set, cfg, device, progress=progress, desc=f"eval@{done}")
                 log.eval(done, "val", result.metrics)

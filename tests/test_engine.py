@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from lgd import engine
+from lgd.engine import CHECKPOINT, FINAL, load_checkpoint, lr_factor, train
+from lgd.errors import LGDError, TrainingError
+
+
+def _final_state(cfg):
+    return load_checkpoint(engine.Path(cfg.output_dir) / FINAL)["model"]
+
+
+@pytest.mark.parametrize("lgd_enabled", [True, False])
+def test_training_writes_outputs_and_logs_every_loss_term(tiny_config, lgd_enabled):
+    cfg = tiny_config(f"lgd.enabled={str(lgd_enabled).lower()}")
+    out = train(cfg, progress=False)
+    run = engine.Path(cfg.output_dir)
+    for name in (CHECKPOINT, FINAL, "config.yaml", "metrics.jsonl", "loss.png", "detections_val.json", "eval_val.txt"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["iter"] for r in train_records] == [1, 2, 3, 4]
+    terms = set(train_records[-1]["losses"])
+    assert ("loss_distill" in terms) == lgd_enabled
+    assert any(t.startswith("teacher/") for t in terms) == lgd_enabled
+    assert 0 <= out["metrics"]["bbox/AP"] <= 100
+
+
+def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
+    uninterrupted = tiny_config(f"output_dir={tmp_path / 'a'}")
+    train(uninterrupted, progress=False)
+
+    interrupted = tiny_config(f"output_dir={tmp_path / 'b'}")
+    real_step = engine.Optimisation.step
+    calls = {"n": 0}
+
+    def crash_on_third(self, loss):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real_step(self, loss)
+
+    monkeypatch.setattr(engine.Optimisation, "step", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, progress=False)
+    assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["iteration"] == 2
+    monkeypatch.setattr(engine.Optimisation, "step", real_step)
+    train(interrupted, resume=True, progress=False)
+
+    a, b = _final_state(uninterrupted), _final_state(interrupted)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    iters = [json.loads(line)["iter"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert iters == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tiny_config, tmp_path):
+    with pytest.raises(LGDError, match="no checkpoint"):
+        train(tiny_config(f"output_dir={tmp_path / 'none'}"), resume=True, progress=False)
+    cfg = tiny_config(f"output_dir={tmp_path / 'c'}", "solver.max_iter=2")
+    train(cfg, progress=False)
+    with pytest.raises(LGDError, match="config differs"):
+        train(tiny_config(f"output_dir={tmp_path / 'c'}", "solver.max_iter=2", "solver.base_lr=0.5"),
+              resume=True, progress=False)
+
+
+def test_a_nan_loss_stops_training_with_a_clear_message(tiny_config, monkeypatch):
+    real = engine.LGD.forward
+
+    def poisoned(self, images, targets=None):
+        losses = real(self, images, targets)
+        losses["loss_distill"] = losses["loss_distill"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(engine.LGD, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"iteration 0: non-finite loss terms \['loss_distill'\]"):
+        train(tiny_config(), progress=False)
+
+
+def test_warmup_and_multistep_schedule():
+    from lgd.config import SolverConfig
+
+    s = SolverConfig(max_iter=100, warmup_iters=10, warmup_factor=0.001, steps=[50, 80], gamma=0.1)
+    assert lr_factor(0, s) == pytest.approx(0.001)
+    assert lr_factor(5, s) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lr_factor(10, s) == 1 and lr_factor(49, s) == 1
+    assert lr_factor(50, s) == pytest.approx(0.1) and lr_factor(80, s) == pytest.approx(0.01)
+    cosine = SolverConfig(max_iter=100, warmup_iters=0, schedule="cosine")
+    assert lr_factor(0, cosine) == 1 and lr_factor(50, cosine) == pytest.approx(0.5)
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    target = tmp_path / "ck.pth"
+    engine.atomic_save({"x": 1}, target)
+
+    def broken_save(obj, path):
+        with open(path, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(engine.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        engine.atomic_save({"x": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target)["x"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]
