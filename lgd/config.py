@@ -65,6 +65,7 @@ class ModelConfig:
     weights: str = _f("", "whole-detector weights: a torchvision weight name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1) or a .pth file")
     backbone_weights: str = _f("", "backbone weights: a torchvision name (e.g. ResNet50_Weights.IMAGENET1K_V1) or a .pth file; empty = from scratch")
     trainable_layers: int = _f(5, "ResNet stages that train (0-5); 5 = all, as needed from scratch")
+    anchor_sizes: list = _f([32, 64, 128, 256, 512], "anchor base size per FPN level (RetinaNet: x3 scales per octave; R-CNN RPN); FCOS ignores it")
     min_size: list = _f([800], "shorter image side after resizing; several values = multi-scale training (one drawn per batch)")
     max_size: int = _f(1333, "longer image side cap after resizing")
     test_min_size: int = _f(0, "shorter side at evaluation; 0 = the largest of min_size")
@@ -266,6 +267,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
     if cfg.model.depth not in (18, 34, 50, 101):
         raise ConfigError(f"model.depth must be one of 18, 34, 50, 101; got {cfg.model.depth}")
+    if len(cfg.model.anchor_sizes) != 5 or any(s <= 0 for s in cfg.model.anchor_sizes):
+        raise ConfigError("model.anchor_sizes must be 5 positive sizes, one per FPN level")
     if not cfg.model.min_size or any(s <= 0 for s in cfg.model.min_size):
         raise ConfigError("model.min_size must be a non-empty list of positive sizes")
     if cfg.lgd.mask_guided and cfg.model.arch != "maskrcnn":

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import models
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
@@ -79,7 +80,10 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
         detections_per_img=cfg.detections_per_img,
     )
     if cfg.arch == "retinanet":
-        model: nn.Module = RetinaNet(backbone, num_classes, score_thresh=cfg.score_thresh, **sizes)
+        octave = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in cfg.anchor_sizes)
+        anchors = AnchorGenerator(octave, ((0.5, 1.0, 2.0),) * len(octave))
+        model: nn.Module = RetinaNet(backbone, num_classes, score_thresh=cfg.score_thresh, anchor_generator=anchors,
+                                     **sizes)
         if cfg.head_norm == "gn":
             model.head = RetinaNetHead(
                 backbone.out_channels,
@@ -89,10 +93,11 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
             )
     elif cfg.arch == "fcos":
         model = FCOS(backbone, num_classes, score_thresh=cfg.score_thresh, **sizes)
-    elif cfg.arch == "fasterrcnn":
-        model = FasterRCNN(backbone, num_classes + 1, box_score_thresh=cfg.score_thresh, **sizes)
-    elif cfg.arch == "maskrcnn":
-        model = MaskRCNN(backbone, num_classes + 1, box_score_thresh=cfg.score_thresh, **sizes)
+    elif cfg.arch in ("fasterrcnn", "maskrcnn"):
+        anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
+        rcnn = FasterRCNN if cfg.arch == "fasterrcnn" else MaskRCNN
+        model = rcnn(backbone, num_classes + 1, box_score_thresh=cfg.score_thresh, rpn_anchor_generator=anchors,
+                     **sizes)
     else:
         raise ConfigError(f"unknown model.arch '{cfg.arch}'")
     if cfg.weights:

@@ -91,7 +91,8 @@ class CocoDetection(torch.utils.data.Dataset):
         """Category id of a model label (``label = class index + label_offset``)."""
         index = int(label) - self.label_offset
         if not 0 <= index < len(self.cat_ids):
-            raise ValueError(f"label {label} is outside {self.label_offset}..{self.label_offset + len(self.cat_ids) - 1}")
+            last = self.label_offset + len(self.cat_ids) - 1
+            raise ValueError(f"label {label} is outside {self.label_offset}..{last}")
         return self.cat_ids[index]
 
     def category_id_to_label(self, category_id: int) -> int:
@@ -173,13 +174,14 @@ class CocoDetection(torch.utils.data.Dataset):
         sizes = np.array([[info["width"], info["height"]] for info in self._images.values()], dtype=np.float64)
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        clipped = np.clip(xyxy, 0, np.tile(sizes.reshape(-1, 2)[positions], 2))
+        clipped = np.clip(xyxy, 0, np.tile(sizes.reshape(-1, 2)[positions], 2))  # reshape: no images gives (0,)
         positive = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
         keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
         ann_ids = np.array([a["id"] for a in anns], dtype=np.int64)
         self._warn_once(ann_ids[~positive], "skipped {n} annotations with zero-size boxes")
         self._warn_once(ann_ids[positive & ~keep], "skipped {n} annotations with boxes entirely outside their image")
-        self._warn_once(ann_ids[keep & np.any(clipped != xyxy, axis=1)], "clipped {n} boxes that extend outside their image")
+        was_clipped = keep & np.any(clipped != xyxy, axis=1)
+        self._warn_once(ann_ids[was_clipped], "clipped {n} boxes that extend outside their image")
 
         kept = np.flatnonzero(keep)
         order = kept[np.argsort(positions[kept], kind="stable")]
@@ -191,7 +193,10 @@ class CocoDetection(torch.utils.data.Dataset):
         self._segments: list[Any] = []
         if self.with_masks:
             dropped: list[int] = []
-            self._segments = [_usable_segmentation(anns[i], self.ann_file, dropped) for i in order]
+            self._segments = [
+                _usable_segmentation(anns[i], self._images[anns[i]["image_id"]], self.ann_file, dropped)
+                for i in order
+            ]
             self._warn_once(np.array(dropped), "ignored polygons with fewer than 3 points in {n} annotations")
 
     def _warn_once(self, ann_ids: np.ndarray, text: str) -> None:
@@ -271,12 +276,12 @@ def _validate(data: dict[str, Any], path: Path) -> tuple[dict[int, dict[str, Any
         if ann_id in ann_ids:
             raise DatasetError(f"annotation file {path}: duplicate annotation id {ann_id}")
         ann_ids.add(ann_id)
-        if ann.get("image_id") not in images:
+        if not isinstance(ann.get("image_id"), int) or ann["image_id"] not in images:
             raise DatasetError(
                 f"annotation file {path}: annotation id {ann_id} has field 'image_id' = {ann.get('image_id')!r}, "
                 f"which is not an image id in 'images'"
             )
-        if ann.get("category_id") not in categories:
+        if not isinstance(ann.get("category_id"), int) or ann["category_id"] not in categories:
             raise DatasetError(
                 f"annotation file {path}: annotation id {ann_id} has field 'category_id' = "
                 f"{ann.get('category_id')!r}, which is not a category id in 'categories'"
@@ -297,13 +302,20 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _usable_segmentation(ann: dict[str, Any], path: Path, dropped_polygons: list[int]) -> Any:
+def _usable_segmentation(
+    ann: dict[str, Any], info: dict[str, Any], path: Path, dropped_polygons: list[int]
+) -> Any:
     """The annotation's segmentation in a form ``_decode_masks`` takes; short polygons are dropped.
 
     pycocotools reads a 4-number polygon as a box, so polygons need at least 3 points.
     """
     segm = ann.get("segmentation")
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
+        if list(segm["size"]) != [info["height"], info["width"]]:
+            raise DatasetError(
+                f"annotation file {path}: annotation id {ann['id']} has an RLE 'segmentation' of size "
+                f"{segm['size']}, but image id {ann['image_id']} is height={info['height']}, width={info['width']}"
+            )
         return segm
     if isinstance(segm, list) and all(isinstance(p, list) and all(_is_number(v) for v in p) for p in segm):
         polygons = [p for p in segm if len(p) >= 6 and len(p) % 2 == 0]
@@ -322,8 +334,10 @@ def _decode_masks(segments: list[Any], height: int, width: int) -> torch.Tensor:
         return torch.zeros((0, height, width), dtype=torch.uint8)
     rles = []
     for segm in segments:
-        if isinstance(segm, list):
-            rles.append(mask_utils.merge(mask_utils.frPyObjects(segm, height, width)) if segm else _empty_rle(height, width))
+        if not segm:
+            rles.append(_empty_rle(height, width))
+        elif isinstance(segm, list):
+            rles.append(mask_utils.merge(mask_utils.frPyObjects(segm, height, width)))
         elif isinstance(segm["counts"], list):
             rles.append(mask_utils.frPyObjects(segm, height, width))
         else:

@@ -227,13 +227,13 @@ def _render_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list
 
 
 # ----------------------------------------------------------------------------- shapes
-# Each shape function returns polygons (M x 2, x right, y down) centred on 0 with
-# circumradius 1; `_place` scales, rotates and translates them.
+# Each shape function returns its polygons (M x 2, x right, y down), centred on 0, with
+# circumradius at most 1 and any rotation applied; `_place` scales and moves them.
 
 
-def _regular(n: int, phase: float = 0.0, radius: float = 1.0) -> np.ndarray:
+def _regular(n: int, phase: float = 0.0) -> np.ndarray:
     angles = phase + 2.0 * np.pi * np.arange(n) / n
-    return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    return np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
 
 def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
@@ -304,13 +304,16 @@ def _place(rng: np.random.Generator, polygons: list[np.ndarray], diameter: float
 
 
 def _rasterise(polygons: list[np.ndarray], size: int) -> tuple[int, int, np.ndarray]:
-    """Mask of the union of ``polygons`` within their bounding patch: ``(y0, x0, h x w bool)``."""
+    """Mask of the union of ``polygons`` within their bounding patch: ``(y0, x0, h x w bool)``.
+
+    Rasterised on the whole image, not the patch: pycocotools rounds 5x-scaled coordinates,
+    and shifting them first changes which ties round up, so only this matches ``annToMask``.
+    """
     stacked = np.concatenate(polygons)
     x0, y0 = np.floor(stacked.min(axis=0)).astype(int)
-    x1, y1 = np.minimum(np.ceil(stacked.max(axis=0)).astype(int) + 1, size)
-    local = [(p - (x0, y0)).reshape(-1).tolist() for p in polygons]
-    rle = mask_utils.merge(mask_utils.frPyObjects(local, int(y1 - y0), int(x1 - x0)))
-    return int(y0), int(x0), mask_utils.decode(rle).astype(bool)
+    x1, y1 = np.ceil(stacked.max(axis=0)).astype(int) + 1
+    rle = mask_utils.merge(mask_utils.frPyObjects([p.reshape(-1).tolist() for p in polygons], size, size))
+    return int(y0), int(x0), mask_utils.decode(rle)[y0:y1, x0:x1].astype(bool)
 
 
 # ----------------------------------------------------------------------------- textures
