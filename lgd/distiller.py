@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from lgd.config import LGDConfig
 from lgd.detectors import DetectorAdapter, Targets, adapter_for
@@ -144,15 +145,19 @@ class LGD(nn.Module):
             raise ValueError("LGD needs targets in training mode")
         image_list, targets = self.detector.preprocess(images, targets)
         features = self.detector.features(image_list)
-        teacher = self.teach(image_list.tensors.shape[-2:], features, targets)
+        # the labels show up in torch.profiler traces (benchmarks/profile_step.py)
+        with record_function("lgd.teacher"):
+            teacher = self.teach(image_list.tensors.shape[-2:], features, targets)
         index = teacher.has_objects.nonzero().flatten()
         t_feats = teacher.features if len(index) == len(targets) else [t[index] for t in teacher.features]
-        student_losses, teacher_losses = self.detector.losses(
-            image_list, targets, features, t_feats if len(index) else None, index
-        )
+        with record_function("lgd.heads"):
+            student_losses, teacher_losses = self.detector.losses(
+                image_list, targets, features, t_feats if len(index) else None, index
+            )
         losses = dict(student_losses)
         losses.update({f"teacher/{k}": v for k, v in teacher_losses.items()})
-        losses["loss_distill"] = self.distill_weight * self._distill(list(features.values()), t_feats, index)
+        with record_function("lgd.distill"):
+            losses["loss_distill"] = self.distill_weight * self._distill(list(features.values()), t_feats, index)
         return losses
 
     def teach(self, size: torch.Size, features: "OrderedDict[str, Tensor]", targets: Targets) -> TeacherOutput:

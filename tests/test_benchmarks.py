@@ -1,18 +1,17 @@
 """The benchmark scripts in quick mode, so they never rot. No timing is asserted."""
-import importlib.util
+import importlib
 import json
+import sys
 from pathlib import Path
-
-import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Import a benchmark script by its plain name (spawned worker processes must import it the same way)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
 
 
 def test_cost_benchmark_quick(tmp_path):
@@ -35,3 +34,10 @@ def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
     assert len(report["equal_time"]["runs"]) == 1
     assert (tmp_path / "accuracy_retinanet.md").is_file()
     assert (tmp_path / "ap_vs_iter_retinanet.png").is_file()
+
+
+def test_profile_step_quick(capsys):
+    _load("profile_step").main(["--quick", "--rows", "5"])
+    out = capsys.readouterr().out
+    assert "=== baseline" in out and "=== LGD" in out
+    assert "aten::" in out
