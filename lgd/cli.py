@@ -227,6 +227,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except LGDError as e:
         print(f"lgd: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except KeyboardInterrupt:
         print("\nlgd: interrupted. The last checkpoint is intact; continue with the same command and --resume.",
               file=sys.stderr)
