@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from lgd.atomic import atomic_write_text
 from lgd.errors import ConfigError
 
 
@@ -304,10 +303,3 @@ def describe() -> str:
         lines.append(f"{key} = {defaults[key]!r}\n    {f.metadata['help']}")
     return "\n".join(lines)
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)

@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from lgd.atomic import atomic_write
 from lgd.config import Config, SolverConfig, config_from_dict, save_config, to_dict
 from lgd.data import CocoDetection, build_eval_loader, build_train_loader, build_transforms, ensure_builtin_dataset
 from lgd.data.synthetic import default_cache_dir
@@ -173,16 +172,8 @@ def build_optimisation(model: nn.Module, cfg: Config) -> Optimisation:
 
 # ----------------------------------------------------------------------------- checkpoints
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """torch.save, atomically: a crash never leaves half a checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def rng_state() -> dict[str, Any]:

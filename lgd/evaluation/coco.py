@@ -11,8 +11,6 @@ import contextlib
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from lgd.atomic import atomic_write_text
 from lgd.errors import DatasetError
 
 IOU_TYPES = ("bbox", "segm")
@@ -229,13 +228,4 @@ def _per_class_ap(evaluator: COCOeval) -> list[float]:
 
 def save_results(results: list[dict], path: Path) -> None:
     """Write result records as JSON, atomically: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(Path(path), json.dumps(results))
