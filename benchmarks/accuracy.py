@@ -32,17 +32,12 @@ def run_one(config: str, overrides: list[str]) -> dict:
     import torch
 
     from lgd.config import load_config
-    from lgd.engine import build_dataset, evaluate, resolve_device, train
+    from lgd.engine import evaluate, load_trained, resolve_device, train
 
     torch.set_num_threads(1)
     cfg = load_config(config, overrides)
     out = train(cfg, progress=False)
-    test = build_dataset(cfg, "test", train=False)
-    model_path = Path(cfg.output_dir) / "model_final.pth"
-    from lgd.engine import build_model, load_model_weights
-
-    model = build_model(cfg, test.num_classes)
-    load_model_weights(model, model_path)
+    model, test = load_trained(cfg, "test")
     result = evaluate(model, test, cfg, resolve_device(cfg.device), progress=False)
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     step_times = [r["time"] for r in records if r["kind"] == "train"]

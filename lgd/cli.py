@@ -93,14 +93,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lgd.engine import build_dataset, build_model, evaluate, load_model_weights, resolve_device
+    from lgd.engine import FINAL, evaluate, load_trained, resolve_device
 
     cfg = _load(args)
-    weights = Path(args.weights or Path(cfg.output_dir) / "model_final.pth")
-    dataset = build_dataset(cfg, args.split, train=False)
+    weights = Path(args.weights or Path(cfg.output_dir) / FINAL)
     device = resolve_device(cfg.device)
-    model = build_model(cfg, dataset.num_classes)
-    load_model_weights(model, weights)
+    model, dataset = load_trained(cfg, args.split, weights)
     model.to(device)
     name = "teacher" if args.teacher else "student"
     result = evaluate(model, dataset, cfg, device, teacher=args.teacher,
@@ -114,14 +112,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lgd.engine import build_dataset, build_model, load_model_weights, student_of
+    from lgd.engine import load_trained, student_of
     from lgd.export import export_student
 
     cfg = _load(args)
-    weights = Path(args.weights or Path(cfg.output_dir) / "model_final.pth")
-    dataset = build_dataset(cfg, "train", train=False)
-    model = build_model(cfg, dataset.num_classes)
-    load_model_weights(model, weights)
+    model, dataset = load_trained(cfg, "train", args.weights)
     out = export_student(student_of(model), cfg.model, dataset.class_names, dataset.cat_ids, dataset.label_offset,
                          Path(args.out or Path(cfg.output_dir) / "student.pth"))
     print(f"exported the student ({type(student_of(model)).__name__}, no LGD modules) to {out}")

@@ -213,6 +213,14 @@ def load_model_weights(model: nn.Module, path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tuple[nn.Module, CocoDetection]:
+    """The model a run trained (``weights`` or ``output_dir/model_final.pth``) and the split's evaluation dataset."""
+    dataset = build_dataset(cfg, split, train=False)
+    model = build_model(cfg, dataset.num_classes)
+    load_model_weights(model, Path(weights) if weights else Path(cfg.output_dir) / FINAL)
+    return model, dataset
+
+
 # ----------------------------------------------------------------------------- logging
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, flushed) plus TensorBoard events."""
