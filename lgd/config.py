@@ -26,8 +26,10 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class SplitConfig:
-    root: str = _f("", "image folder; empty with ann empty = the built-in synthetic dataset's split")
-    ann: str = _f("", "COCO instances JSON; empty = the built-in synthetic dataset's split")
+    format: str = _f("coco", "annotation format: coco | voc | yolo | crowdhuman (others are converted once to cached COCO JSON)")
+    root: str = _f("", "image folder (VOC: the VOC2007/VOC2012 folder); empty with ann empty = the built-in dataset's split")
+    ann: str = _f("", "COCO: instances JSON; VOC: ImageSets/Main split name (e.g. trainval) or split .txt; "
+                      "YOLO: labels folder; CrowdHuman: .odgt file; empty = the built-in dataset's split")
 
 
 @dataclass
@@ -37,7 +39,8 @@ class SynthConfig:
     num_val: int = _f(200, "validation images of the built-in dataset")
     num_test: int = _f(200, "test images of the built-in dataset (report numbers on these only)")
     size: int = _f(128, "side of the built-in dataset's square images in pixels")
-    cache_dir: str = _f("", "where the built-in dataset is generated once; empty = $LGD_CACHE or ~/.cache/lgd")
+    cache_dir: str = _f("", "where the built-in dataset is generated once and converted VOC/YOLO/CrowdHuman splits are "
+                            "cached; empty = $LGD_CACHE or ~/.cache/lgd")
 
 
 @dataclass
@@ -46,6 +49,11 @@ class DataConfig:
     val: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "validation split (periodic eval)"})
     test: SplitConfig = field(default_factory=SplitConfig, metadata={"help": "test split (benchmarks report on it)"})
     synth: SynthConfig = field(default_factory=SynthConfig, metadata={"help": "the built-in dataset"})
+    names_file: str = _f("", "class names, one per line, or a YOLO data.yaml with 'names' (YOLO: required; VOC: "
+                             "default the 20 VOC classes)")
+    crowdhuman_box: str = _f("full", "CrowdHuman box type trained and evaluated: full | visible | head")
+    metric: str = _f("auto", "evaluation metric: auto (coco; voc07 for a VOC2007 folder, voc for other VOC; crowdhuman "
+                             "for CrowdHuman) | coco | voc (AP50, area) | voc07 (AP50, 11-point) | crowdhuman (AP50, MR-2)")
     filter_empty: bool = _f(True, "drop training images without annotations (evaluation always keeps them)")
     hflip_prob: float = _f(0.5, "probability of a horizontal flip in training")
     batch_size: int = _f(8, "training images per iteration (all processes together)")
@@ -70,6 +78,10 @@ class ModelConfig:
     test_min_size: int = _f(0, "shorter side at evaluation; 0 = the largest of min_size")
     score_thresh: float = _f(0.05, "minimum score of a returned detection")
     detections_per_img: int = _f(100, "detections kept per image")
+    rpn_proposals_train: int = _f(2000, "R-CNN: RPN proposals kept per image in training, before and after NMS")
+    rpn_proposals_test: int = _f(1000, "R-CNN: RPN proposals kept per image at inference, before and after NMS")
+    roi_batch_size: int = _f(512, "R-CNN: proposals sampled per image for the box (and mask) head losses")
+    mask_head_channels: int = _f(256, "Mask R-CNN: width of the mask head's four convolutions and its deconvolution")
 
 
 @dataclass
@@ -119,6 +131,9 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    **{f"data.{split}.format": ("coco", "voc", "yolo", "crowdhuman") for split in ("train", "val", "test")},
+    "data.crowdhuman_box": ("full", "visible", "head"),
+    "data.metric": ("auto", "coco", "voc", "voc07", "crowdhuman"),
     "model.arch": ("retinanet", "fcos", "fasterrcnn", "maskrcnn"),
     "model.norm": ("frozen_bn", "bn", "gn"),
     "model.head_norm": ("none", "gn"),
@@ -270,12 +285,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.anchor_sizes must be 5 positive sizes, one per FPN level")
     if not cfg.model.min_size or any(s <= 0 for s in cfg.model.min_size):
         raise ConfigError("model.min_size must be a non-empty list of positive sizes")
+    for key in ("rpn_proposals_train", "rpn_proposals_test", "roi_batch_size", "mask_head_channels"):
+        if getattr(cfg.model, key) <= 0:
+            raise ConfigError(f"model.{key} must be positive; got {getattr(cfg.model, key)}")
     if cfg.lgd.mask_guided and cfg.model.arch != "maskrcnn":
         raise ConfigError("lgd.mask_guided needs instance masks: set model.arch=maskrcnn or lgd.mask_guided=false")
     for split in ("train", "val", "test"):
         s = getattr(cfg.data, split)
         if bool(s.root) != bool(s.ann):
             raise ConfigError(f"data.{split}: give both root and ann (or neither, for the built-in dataset)")
+        if s.format != "coco" and not s.root:
+            raise ConfigError(f"data.{split}.format={s.format} needs data.{split}.root and data.{split}.ann")
+        if s.format == "yolo" and not cfg.data.names_file:
+            raise ConfigError(f"data.{split}.format=yolo needs data.names_file (class names, one per line, or data.yaml)")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

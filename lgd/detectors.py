@@ -20,6 +20,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
@@ -95,9 +96,18 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
         model = FCOS(backbone, num_classes, score_thresh=cfg.score_thresh, **sizes)
     elif cfg.arch in ("fasterrcnn", "maskrcnn"):
         anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
-        rcnn = FasterRCNN if cfg.arch == "fasterrcnn" else MaskRCNN
-        model = rcnn(backbone, num_classes + 1, box_score_thresh=cfg.score_thresh, rpn_anchor_generator=anchors,
-                     **sizes)
+        rcnn_args = dict(
+            box_score_thresh=cfg.score_thresh, rpn_anchor_generator=anchors, box_batch_size_per_image=cfg.roi_batch_size,
+            rpn_pre_nms_top_n_train=cfg.rpn_proposals_train, rpn_post_nms_top_n_train=cfg.rpn_proposals_train,
+            rpn_pre_nms_top_n_test=cfg.rpn_proposals_test, rpn_post_nms_top_n_test=cfg.rpn_proposals_test, **sizes,
+        )
+        if cfg.arch == "fasterrcnn":
+            model = FasterRCNN(backbone, num_classes + 1, **rcnn_args)
+        else:
+            m = cfg.mask_head_channels
+            model = MaskRCNN(backbone, num_classes + 1, **rcnn_args)
+            model.roi_heads.mask_head = MaskRCNNHeads(backbone.out_channels, (m,) * 4, 1)
+            model.roi_heads.mask_predictor = MaskRCNNPredictor(m, m, num_classes + 1)
     else:
         raise ConfigError(f"unknown model.arch '{cfg.arch}'")
     if cfg.weights:

@@ -46,6 +46,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     ("noequals", "not of the form key=value"),
     ("data.train.root=/only/root", "give both root and ann"),
     ("lgd.mask_guided=true", "maskrcnn"),
+    ("model.roi_batch_size=0", "model.roi_batch_size must be positive"),
 ])
 def test_bad_values_are_rejected_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -67,3 +67,18 @@ def test_local_weights_load_and_a_different_class_head_is_skipped(tmp_path):
         target = build_detector(cfg, 3)
     assert torch.equal(target.backbone.body.conv1.weight, source.backbone.body.conv1.weight)
     assert target.head.classification_head.cls_logits.weight.shape != source.head.classification_head.cls_logits.weight.shape
+
+
+def test_rcnn_proposal_roi_and_mask_head_sizes_follow_the_config():
+    cfg = ModelConfig(arch="maskrcnn", depth=18, fpn_channels=32, norm="gn", rpn_proposals_train=50,
+                      rpn_proposals_test=40, roi_batch_size=16, mask_head_channels=24)
+    model = build_detector(cfg, 3)
+    assert model.rpn._pre_nms_top_n == {"training": 50, "testing": 40}
+    assert model.rpn._post_nms_top_n == {"training": 50, "testing": 40}
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 16
+    assert model.roi_heads.mask_head[0][0].out_channels == 24
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4  # 3 classes + background
+    model.train()
+    images, targets = batch("maskrcnn")
+    losses = model(images, targets)
+    assert "loss_mask" in losses and all(torch.isfinite(v) for v in losses.values())
