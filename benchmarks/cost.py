@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import multiprocessing
+import os
 import platform
 import statistics
 import sys
@@ -55,11 +56,21 @@ def training_peak_mib(model_cfg: ModelConfig, num_classes: int, lgd: bool, lgd_c
     process held before building it (the Python and torch runtime).
 
     A fresh process per measurement: the CPU allocator keeps freed memory, so peaks inside one process
-    that already ran the other model would be meaningless."""
+    that already ran the other model would be meaningless. In it, glibc serves every block of 64 KiB or
+    more with its own mapping, returned on free, so the peak follows the tensors alive at once instead
+    of heap fragments the allocator happens to keep (runs agree to 1 MiB rather than +-50 MiB)."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_probe, args=(model_cfg, num_classes, lgd, lgd_cfg, batch, queue))
-    proc.start()
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        proc.start()
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
     peak = queue.get()
     proc.join()
     return peak

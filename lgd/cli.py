@@ -1,4 +1,4 @@
-"""`lgd train | eval | predict | export | summary | config | data synth` — the command line."""
+"""`lgd train | eval | predict | export | summary | config | visualize | data synth|convert|stats` — the command line."""
 from __future__ import annotations
 
 import argparse
@@ -25,13 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a detector (with LGD unless lgd.enabled=false), then evaluate on val",
                        description="Train as the config says, write checkpoints, metrics.jsonl, TensorBoard events "
-                                   "and plots to output_dir, then print COCO AP on the val split. With no dataset "
-                                   "configured, the built-in synthetic dataset is generated once and used.")
+                                   "and plots to output_dir, then print the val split's metric (data.metric). With no dataset "
+                                   "configured, the built-in synthetic dataset is generated once and used. "
+                                   "Several GPUs or machines: launch with torchrun, e.g. "
+                                   "`torchrun --nproc_per_node=8 -m lgd train -c CONFIG` (data.batch_size stays the "
+                                   "global batch). SIGINT/SIGTERM finish the step, write a checkpoint and exit "
+                                   "with status 130/143.")
     _config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from output_dir/last.pth exactly where it stopped")
 
-    p = sub.add_parser("eval", help="COCO AP of a trained model on a split",
-                       description="Evaluate a checkpoint: the 12-number COCO summary, a per-class AP table and the "
+    p = sub.add_parser("eval", help="AP of a trained model on a split (COCO, VOC or CrowdHuman metric)",
+                       description="Evaluate a checkpoint: the metric's summary (COCO: 12 numbers), a per-class AP table and the "
                                    "detections JSON (written next to the checkpoint).")
     _config_args(p)
     p.add_argument("--weights", help="checkpoint to evaluate (default: output_dir/model_final.pth)")
@@ -69,6 +73,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val", type=int, default=200, help="validation images (default 200)")
     s.add_argument("--test", type=int, default=200, help="test images (default 200)")
     s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    s = data_sub.add_parser("convert", help="convert Pascal VOC, YOLO or CrowdHuman annotations to a COCO JSON",
+                            description="Write a COCO instances JSON and print the data.<split>.root/ann to train "
+                                        "with it. Training configs can also read these formats directly "
+                                        "(data.<split>.format); see README, 'Other dataset formats'.")
+    s.add_argument("--from", dest="fmt", required=True, choices=("voc", "yolo", "crowdhuman"), help="source format")
+    s.add_argument("--root", required=True,
+                   help="VOC: the VOC2007/VOC2012 folder; YOLO: the image folder; CrowdHuman: the Images folder")
+    s.add_argument("--ann", required=True, help="VOC: ImageSets/Main split name (e.g. trainval) or a split .txt; "
+                                                "YOLO: the labels folder; CrowdHuman: the .odgt file")
+    s.add_argument("--names", default="", help="class names file, one per line, or a YOLO data.yaml "
+                                               "(YOLO: required; VOC: default the 20 VOC classes)")
+    s.add_argument("--box", default="full", choices=("full", "visible", "head"), help="CrowdHuman box type (default full)")
+    s.add_argument("--out", required=True, help="the COCO JSON to write")
+    s = data_sub.add_parser("stats", help="images, objects, class histogram and object sizes of a split (+ PNG)",
+                            description="Print a split's statistics and plot its class histogram and object size "
+                                        "distribution; any format the config can read.")
+    _config_args(s)
+    s.add_argument("--split", default="train", choices=("train", "val", "test"), help="which split (default: train)")
+    s.add_argument("--out", help="PNG to write (default: output_dir/stats_<split>.png)")
+
+    p = sub.add_parser("visualize", help="student FPN features beside the teacher's knowledge maps, as a PNG",
+                       description="For one image of a split: the image with its ground-truth boxes, then per FPN "
+                                   "level the student's feature energy (L2 norm over channels) beside the implicit "
+                                   "teacher's instructive-knowledge energy, each with the boxes drawn.")
+    _config_args(p)
+    p.add_argument("--weights", help="checkpoint (default: output_dir/model_final.pth)")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="which split (default: val)")
+    p.add_argument("--image", help="image id or file name in the split (default: the first image with objects)")
+    p.add_argument("--out", help="PNG to write (default: output_dir/feature_maps_<split>_<image id>.png)")
     return parser
 
 
@@ -84,12 +117,20 @@ def _print_result(result, title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lgd.engine import train
+    from lgd.engine import TrainingInterrupted, train
 
     cfg = _load(args)
-    out = train(cfg, resume=args.resume, progress=not args.no_progress)
-    _print_result(out["result"], f"COCO evaluation on val after {cfg.solver.max_iter} iterations")
-    print(f"\nbbox AP {out['metrics']['bbox/AP']:.2f}  (outputs in {cfg.output_dir})")
+    try:
+        out = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        if e.is_main:
+            print(f"lgd: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    if out["result"] is None:  # a torchrun process other than rank 0: rank 0 reports
+        return
+    result = out["result"]
+    _print_result(result, f"{result.name} evaluation on val after {cfg.solver.max_iter} iterations")
+    print(f"\n{result.headline.replace('/', ' ')} {result.metrics[result.headline]:.2f}  (outputs in {cfg.output_dir})")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -103,8 +144,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     name = "teacher" if args.teacher else "student"
     result = evaluate(model, dataset, cfg, device, teacher=args.teacher,
                       out_file=weights.parent / f"detections_{args.split}_{name}.json",
-                      progress=not args.no_progress, desc=f"eval ({args.split})")
-    title = f"COCO evaluation of {weights} on {args.split}"
+                      progress=not args.no_progress, desc=f"eval ({args.split})", split=args.split)
+    title = f"{result.name} evaluation of {weights} on {args.split}"
     if args.teacher:
         title += " — TEACHER DIAGNOSTIC: head on teacher features built from ground truth (an upper bound)"
     _print_result(result, title)
@@ -200,16 +241,44 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from lgd.data.synthetic import write_synthetic
+    if args.data_command == "convert":
+        from lgd.data.formats import convert, describe, write_coco
 
-    out = write_synthetic(Path(args.out), seed=args.seed, num_train=args.train, num_val=args.val,
-                          num_test=args.test, size=args.size)
-    print(f"wrote the synthetic dataset to {out}")
+        root, data = convert(args.fmt, Path(args.root), args.ann, args.names, args.box)
+        write_coco(data, Path(args.out))
+        print(f"wrote {describe(data)} to {args.out}\ntrain with: data.train.root={root} data.train.ann={args.out}")
+    elif args.data_command == "stats":
+        from lgd.data import CocoDetection
+        from lgd.data.stats import dataset_stats, plot_stats
+        from lgd.engine import split_paths
+
+        cfg = _load(args)
+        stats = dataset_stats(CocoDetection(*split_paths(cfg, args.split)).coco.dataset)
+        out = plot_stats(stats, Path(args.out or Path(cfg.output_dir) / f"stats_{args.split}.png"), args.split)
+        print(f"{args.split}: {stats.text()}\nplot: {out}")
+    else:
+        from lgd.data.synthetic import write_synthetic
+
+        out = write_synthetic(Path(args.out), seed=args.seed, num_train=args.train, num_val=args.val,
+                              num_test=args.test, size=args.size)
+        print(f"wrote the synthetic dataset to {out}")
+
+
+def cmd_visualize(args: argparse.Namespace) -> None:
+    from lgd.engine import load_trained, resolve_device
+    from lgd.feature_maps import find_image, visualize_features
+
+    cfg = _load(args)
+    device = resolve_device(cfg.device)
+    model, dataset = load_trained(cfg, args.split, Path(args.weights) if args.weights else None)
+    index = find_image(dataset, args.image)
+    out = Path(args.out or Path(cfg.output_dir) / f"feature_maps_{args.split}_{dataset.ids[index]}.png")
+    print(f"wrote {visualize_features(model.to(device), dataset, index, cfg, device, out)}")
 
 
 COMMANDS = {
     "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
-    "summary": cmd_summary, "config": cmd_config, "data": cmd_data,
+    "summary": cmd_summary, "config": cmd_config, "data": cmd_data, "visualize": cmd_visualize,
 }
 
 

@@ -69,6 +69,7 @@ class ModelConfig:
     fpn_channels: int = _f(256, "FPN width C (the paper uses 256)")
     norm: str = _f("frozen_bn", "backbone normalisation: frozen_bn | bn | gn (use bn or gn when training from scratch)")
     head_norm: str = _f("none", "detection-head normalisation for RetinaNet: none | gn (FCOS always uses GN)")
+    sync_bn: bool = _f(False, "with model.norm=bn and several CUDA processes: batch statistics over all processes (SyncBatchNorm)")
     weights: str = _f("", "whole-detector weights: a torchvision weight name (e.g. RetinaNet_ResNet50_FPN_Weights.COCO_V1) or a .pth file")
     backbone_weights: str = _f("", "backbone weights: a torchvision name (e.g. ResNet50_Weights.IMAGENET1K_V1) or a .pth file; empty = from scratch")
     trainable_layers: int = _f(5, "ResNet stages that train (0-5); 5 = all, as needed from scratch")
@@ -96,6 +97,9 @@ class SolverConfig:
     warmup_iters: int = _f(1000, "linear warm-up iterations")
     warmup_factor: float = _f(0.001, "learning-rate multiplier at iteration 0 of the warm-up")
     clip_grad_norm: float = _f(1.0, "clip each optimiser's gradient L2 norm to this (0 = off)")
+    amp: str = _f("none", "mixed precision: none (fp32) | bf16 (CUDA, or CPU autocast) | fp16 (CUDA, with a gradient scaler)")
+    accumulate: int = _f(1, "micro-batches per step: each process's share of data.batch_size is split in this many, gradients add up (same global batch, less memory)")
+    nan_policy: str = _f("stop", "on a NaN/infinite loss or gradient: stop (message + debug checkpoint nan_debug_*.pth) | skip (the step, logged)")
 
 
 @dataclass
@@ -123,6 +127,7 @@ class Config:
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     eval_period: int = _f(0, "evaluate on val every this many iterations (0 = only at the end)")
     checkpoint_period: int = _f(1000, "write a checkpoint every this many iterations (and at the end)")
+    keep_checkpoints: int = _f(3, "numbered checkpoints model_NNNNNNN.pth kept (the newest); last.pth is always the newest")
     log_period: int = _f(20, "iterations between metrics.jsonl / TensorBoard records")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and loading"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the detector (the student)"})
@@ -138,6 +143,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("frozen_bn", "bn", "gn"),
     "model.head_norm": ("none", "gn"),
     "solver.schedule": ("multistep", "cosine"),
+    "solver.amp": ("none", "bf16", "fp16"),
+    "solver.nan_policy": ("stop", "skip"),
     "lgd.class_format": ("one_hot", "norm_classes"),
     "lgd.attention": ("student_guided", "label_guided", "student_fill", "teacher_fill"),
 }
@@ -277,6 +284,11 @@ def validate(cfg: Config) -> None:
     """Cross-field checks that a type alone cannot express."""
     if cfg.solver.max_iter <= 0:
         raise ConfigError("solver.max_iter must be positive")
+    if cfg.solver.accumulate < 1 or cfg.data.batch_size % cfg.solver.accumulate:
+        raise ConfigError(f"solver.accumulate must be a positive divisor of data.batch_size={cfg.data.batch_size}; "
+                          f"got {cfg.solver.accumulate}")
+    if cfg.keep_checkpoints < 1:
+        raise ConfigError(f"keep_checkpoints must be at least 1; got {cfg.keep_checkpoints}")
     if cfg.data.batch_size <= 0 or cfg.data.eval_batch_size <= 0:
         raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
     if cfg.model.depth not in (18, 34, 50, 101):

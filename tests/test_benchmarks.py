@@ -41,3 +41,14 @@ def test_profile_step_quick(capsys):
     out = capsys.readouterr().out
     assert "=== baseline" in out and "=== LGD" in out
     assert "aten::" in out
+
+
+def test_scaling_benchmark_quick(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGD_CACHE", str(tmp_path / "cache"))
+    report = _load("scaling").main(["--quick", "--out", str(tmp_path)])
+    assert set(report["runs"]) == {"1 process, fp32", "2 processes (torchrun, gloo), fp32", "1 process, bf16 autocast"}
+    assert report["runs"]["2 processes (torchrun, gloo), fp32"]["processes"] == 2
+    assert all(r["images_per_s"] > 0 and r["global_batch"] == 2 for r in report["runs"].values())
+    assert report["two_process_speedup"] > 0 and report["bf16_speedup"] > 0
+    assert json.loads((tmp_path / "scaling.json").read_text())["command"].endswith("--quick")
+    assert (tmp_path / "scaling.md").read_text().count("|") > 10

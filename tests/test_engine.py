@@ -36,11 +36,11 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
     real_step = engine.Optimisation.step
     calls = {"n": 0}
 
-    def crash_on_third(self, loss):
+    def crash_on_third(self, scaler=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        real_step(self, loss)
+        return real_step(self, scaler)
 
     monkeypatch.setattr(engine.Optimisation, "step", crash_on_third)
     with pytest.raises(KeyboardInterrupt):

@@ -94,19 +94,23 @@ def _encode_masks(masks: torch.Tensor, threshold: float) -> list[dict]:
 
 @dataclass
 class EvalResult:
-    """What one COCO evaluation found.
+    """What one evaluation (COCO, VOC or CrowdHuman) found.
 
     Attributes:
         metrics: "bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl"
             (and "segm/..." for masks), in percent; NaN where COCO has no such objects.
         per_class: iou type -> class name -> AP (IoU 0.50:0.95, all areas) in percent,
             NaN for a class with no ground truth.
-        summary: iou type -> the 12-line summary text pycocotools prints.
+        summary: iou type -> the 12-line summary text pycocotools prints (other metrics: their own lines).
+        name: the metric, for titles: "COCO", "VOC AP50 (area)", "VOC2007 11-point AP50", "CrowdHuman".
+        headline: the key of ``metrics`` to quote as the result ("bbox/AP" for COCO, "bbox/AP50" otherwise).
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
     per_class: dict[str, dict[str, float]] = field(default_factory=dict)
     summary: dict[str, str] = field(default_factory=dict)
+    name: str = "COCO"
+    headline: str = "bbox/AP"
 
     def table(self, iou_type: str = "bbox", columns: int = 3) -> str:
         """Per-class AP as an aligned text table, `columns` (class, AP) pairs per row."""

@@ -168,6 +168,11 @@ class ImplicitTeacher(nn.Module):
                 )
             if image_classes.is_floating_point() or image_classes.is_complex():
                 raise ValueError(f"classes[{index}] must hold integer class ids, got {image_classes.dtype}")
+        all_boxes = torch.cat(boxes)
+        if not bool(torch.isfinite(all_boxes).all()):
+            image = next(i for i, b in enumerate(boxes) if not bool(torch.isfinite(b).all()))
+            raise ValueError(f"boxes[{image}] holds NaN or infinite coordinates; boxes must be finite XYXY "
+                             "(degenerate, negative or out-of-image boxes are fine: they are clamped)")
         all_classes = torch.cat(classes)
         if all_classes.numel() and bool(((all_classes < 0) | (all_classes >= self.num_classes)).any()):
             raise ValueError(
