@@ -8,20 +8,19 @@ of a single process, so the training loop has one code path. The backend is NCCL
 
 The global batch (``data.batch_size``) is the same whatever the number of processes: each global batch of
 the single-process data stream is cut into ``world_size`` equal shares, rank r taking share r
-(:class:`ShardedBatchSampler`), and DistributedDataParallel averages the gradients. Losses that are means
-over images (RetinaNet's, the teacher's, the distillation loss on equally padded images) therefore give the
-single-process gradients; terms normalised over the whole batch (FCOS's foreground count, the R-CNNs'
-sampled proposals) are normalised per process instead, as in every data-parallel detector trainer.
+(:func:`lgd.data.build_train_loader`), and DistributedDataParallel averages the gradients. Losses that are
+means over images (RetinaNet's, the teacher's, the distillation loss on equally padded images) therefore
+give the single-process gradients; terms normalised over the whole batch (FCOS's foreground count, the
+R-CNNs' sampled proposals) are normalised per process instead, as in every data-parallel detector trainer.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
 
 from lgd.errors import ConfigError, LGDError
 
@@ -167,24 +166,6 @@ def per_rank_batch(batch_size: int, world_size: int, accumulate: int = 1) -> int
             f"{world_size * accumulate}"
         )
     return batch_size // world_size
-
-
-class ShardedBatchSampler(Sampler[list[Any]]):
-    """Rank ``rank``'s share of every global batch of ``batches``: its items ``rank*b .. rank*b + b - 1``.
-
-    With the single-process stream as ``batches`` the processes together see exactly the batches one process
-    would, so a run's data order does not depend on how many processes train it.
-    """
-
-    def __init__(self, batches: Sampler[list[Any]], batch_size: int, rank: int, world_size: int) -> None:
-        self.batches = batches
-        self.share = per_rank_batch(batch_size, world_size)
-        self.rank = rank
-
-    def __iter__(self) -> Iterator[list[Any]]:
-        start = self.rank * self.share
-        for batch in self.batches:
-            yield batch[start:start + self.share]
 
 
 def shard_indices(ctx: Context, n: int) -> Sequence[int]:

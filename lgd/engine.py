@@ -23,14 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from lgd import distributed
 from lgd.atomic import atomic_write
 from lgd.config import Config, SolverConfig, config_from_dict, save_config, to_dict
-from lgd.data import CocoDetection, build_eval_loader, build_transforms, ensure_builtin_dataset
-from lgd.data.loader import TrainBatchSampler, collate
+from lgd.data import CocoDetection, build_eval_loader, build_train_loader, build_transforms, ensure_builtin_dataset
 from lgd.data.formats import cached_conversion
 from lgd.data.synthetic import default_cache_dir
 from lgd.detectors import ARCH_ADAPTERS, build_detector, set_test_size
@@ -536,26 +535,6 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_sharded_train_loader(dataset: CocoDetection, cfg: Config, ctx: Context, start_iter: int) -> DataLoader:
-    """Endless training loader of this rank's share of each global batch, from batch ``start_iter`` on.
-
-    The global batches are those of one process with ``data.batch_size`` (see TrainBatchSampler), so the data
-    order, augmentation included, is the same whatever the number of processes and data workers.
-    """
-    ratios = [dataset.aspect_ratio(i) for i in range(len(dataset))]
-    batches = TrainBatchSampler(ratios, cfg.data.batch_size, cfg.seed, cfg.data.aspect_ratio_grouping, start_iter)
-    workers = cfg.data.workers
-    return DataLoader(
-        dataset,
-        batch_sampler=distributed.ShardedBatchSampler(batches, cfg.data.batch_size, ctx.rank, ctx.world_size),
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=ctx.device.type == "cuda",
-        persistent_workers=workers > 0,
-        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
-    )
-
-
 @dataclass
 class StepResult:
     """What one training step did, the same on every rank.
@@ -735,7 +714,12 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     if ckpt is not None and "scaler" in ckpt and stepper.scaler.is_enabled():
         stepper.scaler.load_state_dict(ckpt["scaler"])
 
-    batches = iter(build_sharded_train_loader(train_set, cfg, ctx, start))
+    # This rank's share of each global batch of the single-process stream, resumed at batch ``start``: the
+    # same data order whatever the number of processes and workers.
+    batches = iter(build_train_loader(
+        train_set, cfg.data.batch_size, cfg.seed, cfg.data.workers, cfg.data.aspect_ratio_grouping, start,
+        ctx.rank, ctx.world_size, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
+    ))
     if ckpt is not None:
         rng = ckpt["rng"]
         # One state per rank; a run resumed on another number of processes continues from rank 0's.

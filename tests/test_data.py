@@ -319,15 +319,6 @@ def test_sampler_groups_by_aspect_ratio() -> None:
     assert [s for _, s in ungrouped[0]] != [s for _, s in ungrouped[12]]
 
 
-def test_sampler_deals_batches_to_ranks() -> None:
-    ratios = [1.0] * 10
-    full = _take(TrainBatchSampler(ratios, batch_size=2, seed=1), 12)
-    rank0 = _take(TrainBatchSampler(ratios, batch_size=2, seed=1, rank=0, world_size=2), 6)
-    rank1 = _take(TrainBatchSampler(ratios, batch_size=2, seed=1, rank=1, world_size=2, start_iter=2), 4)
-    assert rank0 == full[0::2]
-    assert rank1 == full[5::2]
-
-
 class _CountingDataset(torch.utils.data.Dataset):
     def __init__(self, n: int) -> None:
         self.n = n
@@ -355,6 +346,18 @@ def test_train_loader_resume_loads_only_the_needed_images() -> None:
     for (images, targets), (images_e, targets_e) in zip(got, expected):
         assert targets == targets_e
         assert all(torch.equal(a, b) for a, b in zip(images, images_e))
+
+
+def test_train_loader_ranks_split_each_single_process_batch_in_order() -> None:
+    one = iter(build_train_loader(_CountingDataset(11), batch_size=4, seed=2, workers=0))
+    expected = [[t["image_id"] for t in next(one)[1]] for _ in range(9)][3:]
+    shares = [iter(build_train_loader(_CountingDataset(11), batch_size=4, seed=2, workers=0, start_iter=3,
+                                      rank=rank, world_size=2)) for rank in (0, 1)]
+    for whole in expected:
+        first, second = ([t["image_id"] for t in next(share)[1]] for share in shares)
+        assert first == whole[:2] and second == whole[2:]
+    with pytest.raises(ValueError, match="rank 2 is outside 0..1"):
+        build_train_loader(_CountingDataset(11), batch_size=4, seed=2, workers=0, rank=2, world_size=2)
 
 
 def test_train_loader_output_does_not_depend_on_workers(synthetic_root: Path) -> None:

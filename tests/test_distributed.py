@@ -10,8 +10,8 @@ import torch
 
 from lgd import distributed
 from lgd.config import save_config
-from lgd.data.loader import TrainBatchSampler
-from lgd.distributed import Context, ShardedBatchSampler
+from lgd.data.loader import ShardedBatchSampler, TrainBatchSampler
+from lgd.distributed import Context
 from lgd.engine import FINAL, _check_runtime, load_checkpoint, train
 from lgd.errors import ConfigError
 

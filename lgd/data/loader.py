@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from itertools import islice
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lgd.distributed import per_rank_batch
 from lgd.errors import DatasetError
 
 
@@ -27,8 +29,7 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
     batches (a batch never mixes them); an unfinished batch carries over into the next
     epoch, as the stream is endless. ``start_iter`` skips that many batches by computing
     indices only, so resuming at iteration N gives batch N, N+1, ... of an uninterrupted
-    run. With ``world_size`` > 1 the stream is dealt round-robin: rank r gets global batches
-    r, r + world_size, ...; ``start_iter`` counts this rank's batches.
+    run.
     """
 
     def __init__(
@@ -38,22 +39,16 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
         seed: int,
         aspect_ratio_grouping: bool = True,
         start_iter: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
     ) -> None:
         if len(aspect_ratios) == 0:
             raise DatasetError("the training set has no images")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         ratios = np.asarray(aspect_ratios, dtype=np.float64)
         self.groups = (ratios < 1.0).astype(np.int64) if aspect_ratio_grouping else np.zeros(len(ratios), np.int64)
         self.batch_size = batch_size
         self.seed = seed
         self.start_iter = start_iter
-        self.rank = rank
-        self.world_size = world_size
 
     def _global_batches(self) -> Iterator[list[tuple[int, int]]]:
         buckets: dict[int, list[tuple[int, int]]] = {0: [], 1: []}
@@ -71,10 +66,28 @@ class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
             epoch += 1
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        skip = self.start_iter * self.world_size + self.rank
-        for position, batch in enumerate(self._global_batches()):
-            if position >= skip and (position - skip) % self.world_size == 0:
-                yield batch
+        return islice(self._global_batches(), self.start_iter, None)
+
+
+class ShardedBatchSampler(Sampler[list[Any]]):
+    """Rank ``rank``'s share of every global batch of ``batches``: its items ``rank*b .. rank*b + b - 1``,
+    with ``b = batch_size / world_size``.
+
+    With the single-process stream as ``batches`` the processes together see exactly the batches one process
+    would, so a run's data order does not depend on how many processes train it.
+    """
+
+    def __init__(self, batches: Sampler[list[Any]], batch_size: int, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.batches = batches
+        self.share = per_rank_batch(batch_size, world_size)
+        self.rank = rank
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        start = self.rank * self.share
+        for batch in self.batches:
+            yield batch[start:start + self.share]
 
 
 def _aspect_ratios(dataset: Dataset) -> list[float]:
@@ -92,21 +105,26 @@ def build_train_loader(
     start_iter: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    pin_memory: Optional[bool] = None,
+    worker_init_fn: Optional[Callable[[int], None]] = None,
 ) -> DataLoader:
-    """Endless training loader over ``dataset`` (indexed with ``(idx, sample_seed)``), see :class:`TrainBatchSampler`.
+    """Endless training loader of rank ``rank``'s share of each global batch, from global batch ``start_iter`` on.
 
-    A dataset without ``aspect_ratio(idx)`` counts as all landscape.
+    The global batches of ``batch_size`` images are those of one process (:class:`TrainBatchSampler`), each
+    cut into ``world_size`` equal shares (:class:`ShardedBatchSampler`), so the data order, augmentation
+    included, is the same whatever the number of processes and data workers. ``dataset`` is indexed with
+    ``(idx, sample_seed)``; one without ``aspect_ratio(idx)`` counts as all landscape. ``pin_memory``
+    defaults to whether CUDA is available; ``worker_init_fn`` runs in each data-loading worker.
     """
-    sampler = TrainBatchSampler(
-        _aspect_ratios(dataset), batch_size, seed, aspect_ratio_grouping, start_iter, rank, world_size
-    )
+    batches = TrainBatchSampler(_aspect_ratios(dataset), batch_size, seed, aspect_ratio_grouping, start_iter)
     return DataLoader(
         dataset,
-        batch_sampler=sampler,
+        batch_sampler=ShardedBatchSampler(batches, batch_size, rank, world_size),
         num_workers=workers,
         collate_fn=collate,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0,
+        worker_init_fn=worker_init_fn,
     )
 
 
