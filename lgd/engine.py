@@ -807,6 +807,8 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     from lgd.plots import plot_metrics
 
     plot_metrics(out / "metrics.jsonl", out)
-    (out / "eval_val.txt").write_text(f"{result.name} evaluation on val\n" + result.summary["bbox"] + "\n\n"
-                                      + result.table("bbox") + "\n")
+    # every iou type evaluated (bbox; segm too for Mask R-CNN), each with its per-class table
+    (out / "eval_val.txt").write_text("\n".join(
+        f"{result.name} evaluation on val — {t}\n{text}\n{result.table(t)}\n" for t, text in result.summary.items()
+    ))
     return {"metrics": final, "result": result}

@@ -1,4 +1,6 @@
 """Faster and Mask R-CNN under LGD: mask-guided inside masks, export, training and evaluation with masks."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,6 +66,9 @@ def test_export_equivalence(arch, tmp_path):
 
 
 def test_mask_rcnn_trains_and_evaluates_box_and_mask_ap(tiny_config):
-    out = train(tiny_config("model.arch=maskrcnn", "solver.max_iter=2"), progress=False)
+    cfg = tiny_config("model.arch=maskrcnn", "solver.max_iter=2")
+    out = train(cfg, progress=False)
     assert {"bbox/AP", "segm/AP"} <= set(out["metrics"])
     assert "segm" in out["result"].summary
+    written = (Path(cfg.output_dir) / "eval_val.txt").read_text()
+    assert "on val — bbox" in written and "on val — segm" in written
