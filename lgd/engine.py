@@ -527,12 +527,12 @@ class StopSignals:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Data-loading workers leave SIGINT/SIGTERM to the main process: a terminal's Ctrl-C reaches the whole
-    process group, and a worker dying of it would break the step the main process is finishing. Workers
-    still exit with the main process."""
+def _ignore_interrupt(worker_id: int) -> None:
+    """Data-loading workers leave SIGINT to the main process: a terminal's Ctrl-C reaches the whole process
+    group, and a worker dying of it would break the step the main process is finishing. SIGTERM keeps its
+    default: it is how the DataLoader and multiprocessing stop workers at exit, and a worker ignoring it
+    leaves the main process waiting for it forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass
@@ -718,7 +718,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     # same data order whatever the number of processes and workers.
     batches = iter(build_train_loader(
         train_set, cfg.data.batch_size, cfg.seed, cfg.data.workers, cfg.data.aspect_ratio_grouping, start,
-        ctx.rank, ctx.world_size, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
+        ctx.rank, ctx.world_size, pin_memory=device.type == "cuda", worker_init_fn=_ignore_interrupt,
     ))
     if ckpt is not None:
         rng = ckpt["rng"]

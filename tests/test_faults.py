@@ -68,7 +68,7 @@ def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_run(tiny_confi
     proc = _launch(config, "--resume")
     _wait_for(proc, lambda: any(it > stopped for it in _iterations(run)))
     proc.kill()
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=240)
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint(run / CHECKPOINT)["iteration"] > stopped
     # A runtime key (how many checkpoints to keep) may change on resume; what is computed may not.
@@ -242,3 +242,33 @@ def test_the_newest_k_checkpoints_are_kept_and_last_is_the_newest(tiny_config):
     assert _iterations(run) == [3, 4]
     assert load_checkpoint(run / CHECKPOINT)["iteration"] == 4
     assert os.stat(run / CHECKPOINT).st_ino == os.stat(run / "model_0000004.pth").st_ino  # a link, not a copy
+
+
+def test_loader_workers_ignore_ctrl_c_but_not_sigterm():
+    """Workers must stay killable by SIGTERM: the DataLoader and multiprocessing stop them with it at exit, and
+    a worker ignoring it left the finished training process waiting for it forever."""
+    from lgd.engine import _ignore_interrupt
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _ignore_interrupt(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_a_process_that_trained_with_loader_workers_exits(tiny_config, tmp_path):
+    """Training in-process with worker processes, as the benchmarks do, then leaving the interpreter: this hung
+    forever while workers ignored SIGTERM (multiprocessing stops leftover workers with it at exit)."""
+    config = tmp_path / "workers.yaml"
+    save_config(tiny_config("data.workers=1", "solver.max_iter=2", "checkpoint_period=2"), config)
+    script = ("from lgd.config import load_config; from lgd.engine import train; "
+              f"train(load_config({str(config)!r}), progress=False)")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True,
+                              timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit after training")
+    assert done.returncode == 0, done.stderr[-3000:]
