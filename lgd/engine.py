@@ -30,6 +30,7 @@ from lgd import distributed
 from lgd.atomic import atomic_write
 from lgd.config import Config, SolverConfig, config_from_dict, save_config, to_dict
 from lgd.data import CocoDetection, build_eval_loader, build_train_loader, build_transforms, ensure_builtin_dataset
+from lgd.data.loader import stop_workers
 from lgd.data.formats import cached_conversion
 from lgd.data.synthetic import default_cache_dir
 from lgd.detectors import ARCH_ADAPTERS, build_detector, set_test_size
@@ -527,12 +528,13 @@ class StopSignals:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
 
 
-def _ignore_interrupt(worker_id: int) -> None:
-    """Data-loading workers leave SIGINT to the main process: a terminal's Ctrl-C reaches the whole process
-    group, and a worker dying of it would break the step the main process is finishing. SIGTERM keeps its
-    default: it is how the DataLoader and multiprocessing stop workers at exit, and a worker ignoring it
-    leaves the main process waiting for it forever."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data-loading workers leave SIGINT/SIGTERM to the main process: a terminal's Ctrl-C reaches the whole
+    process group (as does a scheduler's or ``pkill``'s SIGTERM), and a worker dying of it would break the step
+    the main process is finishing. So nothing can leave them behind at exit, train() stops them itself
+    (``stop_workers``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass
@@ -718,7 +720,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     # same data order whatever the number of processes and workers.
     batches = iter(build_train_loader(
         train_set, cfg.data.batch_size, cfg.seed, cfg.data.workers, cfg.data.aspect_ratio_grouping, start,
-        ctx.rank, ctx.world_size, pin_memory=device.type == "cuda", worker_init_fn=_ignore_interrupt,
+        ctx.rank, ctx.world_size, pin_memory=device.type == "cuda", worker_init_fn=_ignore_stop_signals,
     ))
     if ckpt is not None:
         rng = ckpt["rng"]
@@ -798,6 +800,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
         if log is not None:
             log.eval(cfg.solver.max_iter, "val", result.metrics)
     finally:
+        stop_workers(batches)
         bar.close()
         if log is not None:
             log.close()

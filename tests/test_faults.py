@@ -244,16 +244,15 @@ def test_the_newest_k_checkpoints_are_kept_and_last_is_the_newest(tiny_config):
     assert os.stat(run / CHECKPOINT).st_ino == os.stat(run / "model_0000004.pth").st_ino  # a link, not a copy
 
 
-def test_loader_workers_ignore_ctrl_c_but_not_sigterm():
-    """Workers must stay killable by SIGTERM: the DataLoader and multiprocessing stop them with it at exit, and
-    a worker ignoring it left the finished training process waiting for it forever."""
-    from lgd.engine import _ignore_interrupt
+def test_loader_workers_leave_stop_signals_to_the_main_process():
+    """A SIGTERM sent to every process (pkill, a scheduler) must not kill a worker under the step being finished."""
+    from lgd.engine import _ignore_stop_signals
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _ignore_interrupt(0)
+        _ignore_stop_signals(0)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
@@ -261,7 +260,7 @@ def test_loader_workers_ignore_ctrl_c_but_not_sigterm():
 
 def test_a_process_that_trained_with_loader_workers_exits(tiny_config, tmp_path):
     """Training in-process with worker processes, as the benchmarks do, then leaving the interpreter: this hung
-    forever while workers ignored SIGTERM (multiprocessing stops leftover workers with it at exit)."""
+    forever while train() left its workers, which ignore SIGTERM, for multiprocessing to stop at exit."""
     config = tmp_path / "workers.yaml"
     save_config(tiny_config("data.workers=1", "solver.max_iter=2", "checkpoint_period=2"), config)
     script = ("from lgd.config import load_config; from lgd.engine import train; "
