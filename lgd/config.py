@@ -218,12 +218,13 @@ def _scalar(key: str, v: Any) -> Any:
     return v
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config tree as ``{"dotted.key": value}``."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and key not in all_keys():
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
@@ -273,7 +274,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     base = tree.pop("_base_", None)
     if base:
         flat.update(_read_yaml(path.parent / base))
-    flat.update(_flatten(tree))
+    flat.update(flatten(tree))
     for key in flat:
         if key not in all_keys():
             raise ConfigError(f"in {path}: {_unknown(key)}")
@@ -323,7 +324,7 @@ def save_config(cfg: Config, path: Union[str, Path]) -> None:
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
     cfg = Config()
-    for key, value in _flatten(tree).items():
+    for key, value in flatten(tree).items():
         set_key(cfg, key, value)
     validate(cfg)
     return cfg
@@ -331,7 +332,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 def describe() -> str:
     """Every key with its default and meaning, for ``lgd config``."""
-    defaults = _flatten(to_dict(Config()))
+    defaults = flatten(to_dict(Config()))
     lines = []
     for key, f in all_keys().items():
         lines.append(f"{key} = {defaults[key]!r}\n    {f.metadata['help']}")

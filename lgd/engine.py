@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from lgd import distributed
 from lgd.atomic import atomic_write
-from lgd.config import Config, SolverConfig, config_from_dict, save_config, to_dict
+from lgd.config import Config, SolverConfig, config_from_dict, flatten, save_config, to_dict
 from lgd.data import CocoDetection, build_eval_loader, build_train_loader, build_transforms, ensure_builtin_dataset
 from lgd.data.loader import stop_workers
 from lgd.data.formats import cached_conversion
@@ -339,19 +339,12 @@ def load_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
     if not path.is_file():
         raise LGDError(f"--resume: no checkpoint at {path}; start without --resume")
     ckpt = load_checkpoint(path)
-    saved, now = config_from_dict(ckpt["config"]), cfg
-    differ = [k for k, v in _flat(to_dict(now)).items() if k not in RUNTIME_KEYS and _flat(to_dict(saved))[k] != v]
+    saved, now = flatten(to_dict(config_from_dict(ckpt["config"]))), flatten(to_dict(cfg))
+    differ = [k for k, v in now.items() if k not in RUNTIME_KEYS and saved[k] != v]
     if differ:
         raise LGDError(f"--resume: the config differs from the one {path} was trained with ({', '.join(differ)}); "
                        f"resume with -c {path.parent / 'config.yaml'}")
     return ckpt
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tuple[nn.Module, CocoDetection]:
