@@ -18,6 +18,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from lgd.data import CocoDetection, build_transforms
+from lgd.data.coco import MIN_BOX_SIZE
 from lgd.errors import DatasetError
 from lgd.teacher import ImplicitTeacher, inside_masks, label_descriptors, mask_pool, pad_objects, paint
 
@@ -117,13 +118,13 @@ BROKEN_BBOX = st.one_of(
 
 
 def _expected_kept(bbox, width: int, height: int) -> bool:
-    """The loader's rule, restated: a positive-size box that keeps some area once clipped to the image."""
+    """The loader's rule, restated: a box of at least MIN_BOX_SIZE that keeps that much once clipped to the image."""
     x, y, w, h = bbox
-    if not (w > 0 and h > 0):
+    if not (w >= MIN_BOX_SIZE and h >= MIN_BOX_SIZE):
         return False
     x1, y1 = min(max(x, 0), width), min(max(y, 0), height)
     x2, y2 = min(max(x + w, 0), width), min(max(y + h, 0), height)
-    return x2 > x1 and y2 > y1
+    return x2 - x1 >= MIN_BOX_SIZE and y2 - y1 >= MIN_BOX_SIZE
 
 
 def _is_valid_number(v) -> bool:

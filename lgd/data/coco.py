@@ -21,6 +21,9 @@ from torchvision.transforms.v2 import functional as F
 from lgd.errors import DatasetError
 
 Index = Union[int, tuple[int, int]]
+# Boxes narrower or lower than this (pixels) count as zero-size: in float32 a flip (W - x) or a resize can
+# collapse them to x2 == x1, which torchvision's detectors refuse in training.
+MIN_BOX_SIZE = 0.01
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -175,8 +178,8 @@ class CocoDetection(torch.utils.data.Dataset):
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         clipped = np.clip(xyxy, 0, np.tile(sizes.reshape(-1, 2)[positions], 2))  # reshape: no images gives (0,)
-        positive = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
-        keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        positive = (xywh[:, 2] >= MIN_BOX_SIZE) & (xywh[:, 3] >= MIN_BOX_SIZE)
+        keep = (clipped[:, 2] - clipped[:, 0] >= MIN_BOX_SIZE) & (clipped[:, 3] - clipped[:, 1] >= MIN_BOX_SIZE)
         ann_ids = np.array([a["id"] for a in anns], dtype=np.int64)
         self._warn_once(ann_ids[~positive], "skipped {n} annotations with zero-size boxes")
         self._warn_once(ann_ids[positive & ~keep], "skipped {n} annotations with boxes entirely outside their image")
