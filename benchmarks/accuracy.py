@@ -1,14 +1,23 @@
 """Does LGD beat the baseline? Equal iterations and equal wall-clock time, several seeds, on the test split.
 
     python benchmarks/accuracy.py --arch retinanet            # 3 seeds, equal-iteration + equal-time
-    python benchmarks/accuracy.py --arch fcos --seeds 0 1 2
+    python benchmarks/accuracy.py --arch retinanet fcos --seeds 0 1 2
+    python benchmarks/accuracy.py --arch retinanet --ablation teacher_fill:lgd.attention=teacher_fill
+    python benchmarks/accuracy.py --arch retinanet fcos --parallel 12 --budget 480 --iters 1000 2000 4000
     python benchmarks/accuracy.py --quick                     # tiny, for the test suite
 
-For every seed it trains the baseline (``lgd.enabled=false``) and LGD with the same recipe, seed and iteration
-count, and evaluates both on the **test** split (used for nothing else). Validation AP is logged during
+For every architecture and seed it trains the baseline (``lgd.enabled=false``) and LGD with the same recipe, seed
+and iteration count, and evaluates both on the **test** split (used for nothing else); for every LGD run it also
+evaluates the teacher diagnostic (the head on the teacher's features) on test. Validation AP is logged during
 training for the AP-versus-iteration plot. The equal-time baseline trains ``ratio`` times as many iterations
 (its schedule stretched by the same factor), where ``ratio`` is LGD's measured seconds per iteration over the
-baseline's in the equal-iteration runs. Runs go ``--parallel`` at a time, one thread each.
+baseline's in that architecture's equal-iteration runs. ``--ablation NAME:KEY=VALUE,...`` adds LGD variants (first
+architecture, ``--ablation-seeds``), reported beside the same seeds' baseline and default LGD.
+
+Runs go ``--parallel`` at a time, one thread each. With ``--budget SECONDS`` (for a GPU machine lent for minutes)
+every kind of run first trains a few steps side by side to measure its seconds per step; the longest schedule in
+``--iters`` whose runs fit the budget is chosen and recorded, and an equal-time or ablation run that no longer fits
+is not started (the report lists it as not run); the equal-iteration pairs always run. Each finished run writes ``result.json`` in its folder as soon as it ends.
 """
 from __future__ import annotations
 
@@ -18,32 +27,62 @@ import math
 import multiprocessing
 import statistics
 import sys
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"
 METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl")
+CALIBRATION_STEPS = 30
+# Priorities: the equal-iteration pairs first, then the equal-time baselines, then ablations.
+MAIN, EQUAL_TIME, ABLATION = 0, 1, 2
 
 
-def run_one(config: str, overrides: list[str]) -> dict:
-    """Train one run (a subprocess worker) and evaluate it on the test split."""
+def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
+    """Train one run (a subprocess worker), evaluate it on the test split, write its result.json."""
     import torch
 
+    from lgd.atomic import atomic_write_text
     from lgd.config import load_config
     from lgd.engine import evaluate, load_trained, resolve_device, train
 
     torch.set_num_threads(1)
+    started = time.perf_counter()
     cfg = load_config(config, overrides)
     out = train(cfg, progress=False)
     model, test = load_trained(cfg, "test")
-    result = evaluate(model, test, cfg, resolve_device(cfg.device), progress=False)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    result = evaluate(model, test, cfg, device, progress=False, split="test")
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     step_times = [r["time"] for r in records if r["kind"] == "train"]
     curve = [(r["iter"], r["metrics"]["bbox/AP"]) for r in records if r["kind"] == "eval" and r["split"] == "val"]
-    return {"overrides": overrides, "test": result.metrics, "val_final": out["metrics"],
-            "seconds_per_iter": statistics.median(step_times[1:] or step_times), "val_curve": curve}
+    run = {"overrides": overrides, "max_iter": cfg.solver.max_iter, "test": result.metrics,
+           "val_final": out["metrics"], "seconds_per_iter": statistics.median(step_times[1:] or step_times),
+           "val_curve": curve, "device": str(device)}
+    if teacher:
+        run["teacher_test"] = evaluate(model, test, cfg, device, teacher=True, progress=False, split="test").metrics
+    run["wall_s"] = time.perf_counter() - started
+    atomic_write_text(Path(cfg.output_dir) / "result.json", json.dumps(run, indent=1))
+    return run
+
+
+def calibrate_one(config: str, overrides: list[str]) -> float:
+    """Median seconds per training step of a short run (a subprocess worker)."""
+    import torch
+
+    from lgd.config import load_config
+    from lgd.engine import train
+
+    torch.set_num_threads(1)
+    cfg = load_config(config, overrides + [f"solver.max_iter={CALIBRATION_STEPS}", "log_period=5", "eval_period=0",
+                                           f"checkpoint_period={CALIBRATION_STEPS}"])
+    train(cfg, progress=False)
+    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["time"] for r in records if r["kind"] == "train" and r["iter"] > 10)
 
 
 def stretched(overrides: list[str], cfg, factor: float) -> list[str]:
@@ -52,7 +91,14 @@ def stretched(overrides: list[str], cfg, factor: float) -> list[str]:
     steps = ",".join(str(round(x * factor)) for x in s.steps)
     return overrides + [f"solver.max_iter={round(s.max_iter * factor)}", f"solver.steps=[{steps}]",
                         f"solver.warmup_iters={round(s.warmup_iters * factor)}",
-                        f"eval_period={round(max(cfg.eval_period, 1) * factor) if cfg.eval_period else 0}"]
+                        f"lgd.pre_distill_iters={round(cfg.lgd.pre_distill_iters * factor)}",
+                        f"eval_period={round(cfg.eval_period * factor) if cfg.eval_period else 0}"]
+
+
+def schedule(cfg, iters: int) -> list[str]:
+    """The config's schedule scaled to ``iters`` iterations (LR steps, warm-up, pre-distillation, eval period)."""
+    factor = iters / cfg.solver.max_iter
+    return stretched([], cfg, factor)
 
 
 def summarise(pairs: list[tuple[dict, dict]]) -> dict:
@@ -67,91 +113,276 @@ def summarise(pairs: list[tuple[dict, dict]]) -> dict:
     }
 
 
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
 def table(title: str, seeds: list[int], pairs: list[tuple[dict, dict]], summary: dict) -> str:
-    fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
     lines = [f"**{title}**", "",
-             "| seed | model | AP | AP50 | AP75 | APs | APm | APl | s/iter |", "|---|---|---|---|---|---|---|---|---|"]
+             "| seed | model | AP | AP50 | AP75 | APs | APm | APl | s/iter | teacher AP |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for seed, (base, lgd) in zip(seeds, pairs):
         for name, run in (("baseline", base), ("LGD", lgd)):
-            cells = " | ".join(fmt(run["test"].get(m)) for m in METRICS)
-            lines.append(f"| {seed} | {name} | {cells} | {run['seconds_per_iter']:.3f} |")
+            cells = " | ".join(_fmt(run["test"].get(m)) for m in METRICS)
+            teacher = _fmt(run["teacher_test"]["bbox/AP"]) if "teacher_test" in run else ""
+            lines.append(f"| {seed} | {name} | {cells} | {run['seconds_per_iter']:.3f} | {teacher} |")
         lines.append(f"| {seed} | **delta** | **{lgd['test']['bbox/AP'] - base['test']['bbox/AP']:+.2f}** "
-                     "| | | | | | |")
+                     "| | | | | | | |")
     lines += ["", f"Mean AP: baseline {summary['baseline_mean']:.2f}, LGD {summary['lgd_mean']:.2f}; "
                   f"delta {summary['delta_mean']:+.2f} ± {summary['delta_std']:.2f} (std over seeds); "
                   f"every seed positive: {summary['all_positive']}", ""]
     return "\n".join(lines)
 
 
+def ablation_table(title: str, rows: list[tuple[str, str, int, dict, dict]]) -> str:
+    """rows: (name, overrides, seed, run, baseline run of that seed)."""
+    lines = [f"**{title}**", "", "| variant | overrides | seed | AP | AP50 | vs baseline | teacher AP |",
+             "|---|---|---|---|---|---|---|"]
+    for name, overrides, seed, run, base in rows:
+        delta = f"{run['test']['bbox/AP'] - base['test']['bbox/AP']:+.2f}" if base else "n/a"
+        teacher = _fmt(run["teacher_test"]["bbox/AP"]) if "teacher_test" in run else ""
+        lines.append(f"| {name} | `{overrides}` | {seed} | {_fmt(run['test']['bbox/AP'])} | "
+                     f"{_fmt(run['test']['bbox/AP50'])} | {delta} | {teacher} |")
+    return "\n".join(lines + [""])
+
+
+@dataclass(order=True)
+class Job:
+    priority: int
+    order: int
+    key: tuple = field(compare=False)
+    overrides: list = field(compare=False)
+    teacher: bool = field(compare=False)
+    iters: int = field(compare=False)
+    seconds_per_iter: float = field(compare=False, default=0.0)
+
+
+def parse_ablation(text: str) -> tuple[str, list[str]]:
+    name, _, spec = text.partition(":")
+    if not name or not spec:
+        raise SystemExit(f"--ablation expects NAME:KEY=VALUE[,KEY=VALUE...], got {text!r}")
+    return name, [s for s in spec.split(",") if s]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="retinanet", choices=("retinanet", "fcos", "fasterrcnn"))
-    parser.add_argument("--config", help="LGD config (default: configs/synthetic_<arch>_lgd.yaml)")
+    parser.add_argument("--arch", nargs="+", default=["retinanet"], choices=("retinanet", "fcos", "fasterrcnn"))
+    parser.add_argument("--config", help="LGD config for a single --arch (default: configs/synthetic_<arch>_lgd.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
-    parser.add_argument("--no-equal-time", action="store_true", help="skip the equal-time baseline")
+    parser.add_argument("--no-equal-time", action="store_true", help="skip the equal-time baselines")
+    parser.add_argument("--ablation", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="an LGD variant for the first --arch (repeatable)")
+    parser.add_argument("--ablation-seeds", type=int, nargs="+", help="seeds of the ablations (default: the first)")
+    parser.add_argument("--budget", type=float, default=0.0,
+                        help="seconds for all training: calibrate, pick the longest --iters that fits, start no run "
+                             "that would not finish in time (0 = run everything with the config's schedule)")
+    parser.add_argument("--iters", type=int, nargs="+", default=[],
+                        help="schedule lengths --budget chooses from (each scales the config's whole schedule)")
     parser.add_argument("--quick", action="store_true", help="tiny runs, for the test suite")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
     args = parser.parse_args(argv)
+    if args.config and len(args.arch) > 1:
+        parser.error("--config needs a single --arch")
 
     from lgd.config import load_config
     from lgd.engine import split_paths
     from lgd.plots import plot_ap_curves
 
-    config = args.config or str(ROOT / "configs" / f"synthetic_{args.arch}_lgd.yaml")
+    began = time.perf_counter()
     out = Path(args.out)
-    runs_dir = out / "runs" / args.arch
     common = list(args.overrides)
     if args.quick:
         common += ["model.min_size=[64]", "model.max_size=64", "model.fpn_channels=32", "solver.max_iter=4",
                    "solver.steps=[3]", "solver.warmup_iters=1", "data.batch_size=2", "eval_period=2",
                    "lgd.pre_distill_iters=1", "data.synth.num_train=12", "data.synth.num_val=4",
                    "data.synth.num_test=4", "data.synth.size=64", "data.workers=0"]
-    cfg = load_config(config, common)
-    split_paths(cfg, "train")  # generate the built-in dataset once, before parallel runs look for it
+    configs = {a: args.config or str(ROOT / "configs" / f"synthetic_{a}_lgd.yaml") for a in args.arch}
+    cfgs = {a: load_config(configs[a], common) for a in args.arch}
+    for cfg in cfgs.values():
+        split_paths(cfg, "train")  # generate the built-in dataset once, before parallel runs look for it
+    ablations = [parse_ablation(a) for a in args.ablation]
+    ablation_seeds = args.ablation_seeds or args.seeds[:1]
 
-    def spec(seed: int, kind: str, extra: list[str]) -> list[str]:
-        return common + [f"seed={seed}", f"output_dir={runs_dir / f'{kind}_s{seed}'}"] + extra
+    def spec(arch: str, seed: int, kind: str, extra: list[str]) -> list[str]:
+        return common + [f"seed={seed}", f"output_dir={out / 'runs' / arch / f'{kind}_s{seed}'}"] + extra
 
-    jobs = {}
-    for seed in args.seeds:
-        jobs[("baseline", seed)] = spec(seed, "baseline", ["lgd.enabled=false"])
-        jobs[("lgd", seed)] = spec(seed, "lgd", [])
-    results = _run_all(config, jobs, args.parallel)
-    pairs = [(results[("baseline", s)], results[("lgd", s)]) for s in args.seeds]
-    report = {"date": date.today().isoformat(), "arch": args.arch, "config": config, "overrides": common,
-              "seeds": args.seeds, "equal_iterations": {"runs": pairs, "summary": summarise(pairs)}}
-    ratio = statistics.median(l["seconds_per_iter"] / b["seconds_per_iter"] for b, l in pairs)
-    report["step_time_ratio"] = ratio
-    md = [table(f"Equal iterations ({cfg.solver.max_iter} each), test split", args.seeds, pairs,
-                report["equal_iterations"]["summary"])]
-    if not args.no_equal_time:
-        eq_jobs = {("baseline_eqtime", s): stretched(spec(s, "baseline_eqtime", ["lgd.enabled=false"]), cfg, ratio)
-                   for s in args.seeds}
-        eq = _run_all(config, eq_jobs, args.parallel)
-        eq_pairs = [(eq[("baseline_eqtime", s)], results[("lgd", s)]) for s in args.seeds]
-        report["equal_time"] = {"factor": ratio, "runs": eq_pairs, "summary": summarise(eq_pairs)}
-        md.append(table(f"Equal wall-clock time: baseline trained {ratio:.2f}x as many iterations "
-                        f"({round(cfg.solver.max_iter * ratio)}), schedule stretched; test split",
-                        args.seeds, eq_pairs, report["equal_time"]["summary"]))
-    curves = {}
-    for (kind, seed), run in {**results}.items():
-        if run["val_curve"]:
-            curves[f"{kind} seed {seed}"] = run["val_curve"]
-    if curves:
-        plot_ap_curves(curves, out / f"ap_vs_iter_{args.arch}.png", f"{args.arch}: val AP vs iteration")
-    (out / f"accuracy_{args.arch}.json").write_text(json.dumps(report, indent=1))
-    text = "\n".join(md)
-    (out / f"accuracy_{args.arch}.md").write_text(text)
-    print(text)
+    kinds = {"baseline": ["lgd.enabled=false"], "lgd": []}
+    report: dict = {"date": date.today().isoformat(), "command": "python benchmarks/accuracy.py " + " ".join(
+        sys.argv[1:] if argv is None else argv), "overrides": common, "seeds": args.seeds, "archs": {}}
+    chosen = {a: cfgs[a].solver.max_iter for a in args.arch}
+    calibration: dict = {}
+    if args.budget:
+        # as many calibration runs as --parallel, so each is measured under the contention the real runs will see
+        keys = [(a, k) for a in args.arch for k in kinds]
+        probes = [(keys[i % len(keys)], spec(keys[i % len(keys)][0], 0, f"calibrate{i}_{keys[i % len(keys)][1]}",
+                                             kinds[keys[i % len(keys)][1]])) for i in range(max(args.parallel, len(keys)))]
+        calibration = _calibrate(configs, probes, args.parallel)
+        report["calibration_s_per_iter"] = calibration
+        chosen = _choose_iters(args, calibration, len(ablations) * len(ablation_seeds),
+                               args.budget - (time.perf_counter() - began))
+        report["chosen_iters"] = chosen
+        print(f"calibrated s/iter {calibration}; schedule: {chosen}", flush=True)
+
+    jobs, order = [], 0
+    for arch in args.arch:
+        sched = schedule(cfgs[arch], chosen[arch]) if chosen[arch] != cfgs[arch].solver.max_iter else []
+        for seed in args.seeds:
+            for kind, extra in kinds.items():
+                jobs.append(Job(MAIN, order, (arch, kind, seed), spec(arch, seed, kind, sched + extra),
+                                kind == "lgd", chosen[arch], calibration.get(arch, {}).get(kind, 0.0)))
+                order += 1
+    first = args.arch[0]
+    for name, extra in ablations:
+        sched = schedule(cfgs[first], chosen[first]) if chosen[first] != cfgs[first].solver.max_iter else []
+        for seed in ablation_seeds:
+            jobs.append(Job(ABLATION, order, (first, f"ablation:{name}", seed),
+                            spec(first, seed, f"ablation_{name}", sched + extra), True, chosen[first],
+                            calibration.get(first, {}).get("lgd", 0.0)))
+            order += 1
+
+    def follow_up(done: dict) -> list[Job]:
+        """Equal-time baselines of an architecture once all its equal-iteration pairs are in."""
+        if args.no_equal_time:
+            return []
+        new = []
+        for arch in args.arch:
+            if any((arch, "eqtime", s) in done or (arch, "eqtime", s) in queued for s in args.seeds):
+                continue
+            pairs = [(done.get((arch, "baseline", s)), done.get((arch, "lgd", s))) for s in args.seeds]
+            if not all(b and lg for b, lg in pairs):
+                continue
+            ratio = statistics.median(lg["seconds_per_iter"] / b["seconds_per_iter"] for b, lg in pairs)
+            report["archs"].setdefault(arch, {})["step_time_ratio"] = ratio
+            base_cfg = load_config(configs[arch], pairs[0][0]["overrides"])
+            for seed in args.seeds:
+                overrides = stretched(spec(arch, seed, "baseline_eqtime", kinds["baseline"] + schedule(
+                    cfgs[arch], chosen[arch])), base_cfg, ratio)
+                iters = round(chosen[arch] * ratio)
+                new.append(Job(EQUAL_TIME, len(queued), (arch, "eqtime", seed), overrides, False, iters,
+                               calibration.get(arch, {}).get("baseline", 0.0)))
+                queued.add((arch, "eqtime", seed))
+        return new
+
+    queued: set = set()
+    deadline = began + args.budget if args.budget else math.inf
+    results, skipped, failed = _run_jobs(configs, jobs, args.parallel, follow_up, deadline)
+    report["not_run"] = [list(k) for k in skipped]
+    report["failed"] = {" ".join(map(str, k)): v for k, v in failed.items()}
+
+    for arch in args.arch:
+        md = []
+        entry = report["archs"].setdefault(arch, {})
+        entry["config"] = configs[arch]
+        entry["iters"] = chosen[arch]
+        seeds = [s for s in args.seeds if (arch, "baseline", s) in results and (arch, "lgd", s) in results]
+        pairs = [(results[(arch, "baseline", s)], results[(arch, "lgd", s)]) for s in seeds]
+        if pairs:
+            entry["equal_iterations"] = {"seeds": seeds, "runs": pairs, "summary": summarise(pairs)}
+            md.append(table(f"{arch}: equal iterations ({chosen[arch]} each), test split", seeds, pairs,
+                            entry["equal_iterations"]["summary"]))
+        eq_seeds = [s for s in seeds if (arch, "eqtime", s) in results]
+        if eq_seeds:
+            eq_pairs = [(results[(arch, "eqtime", s)], results[(arch, "lgd", s)]) for s in eq_seeds]
+            ratio = entry["step_time_ratio"]
+            entry["equal_time"] = {"factor": ratio, "seeds": eq_seeds, "runs": eq_pairs,
+                                   "summary": summarise(eq_pairs)}
+            md.append(table(f"{arch}: equal wall-clock time: baseline trained {ratio:.2f}x as many iterations "
+                            f"({eq_pairs[0][0]['max_iter']}), schedule stretched; test split",
+                            eq_seeds, eq_pairs, entry["equal_time"]["summary"]))
+        rows = []
+        for name, extra in ablations if arch == first else []:
+            for seed in ablation_seeds:
+                if (arch, f"ablation:{name}", seed) in results:
+                    rows.append((name, ",".join(extra), seed, results[(arch, f"ablation:{name}", seed)],
+                                 results.get((arch, "baseline", seed))))
+        for seed in ablation_seeds if rows else []:
+            if (arch, "lgd", seed) in results:
+                rows.insert(0, ("LGD (default)", "", seed, results[(arch, "lgd", seed)],
+                                results.get((arch, "baseline", seed))))
+        if rows:
+            entry["ablations"] = [{"name": n, "overrides": o, "seed": s, "run": r} for n, o, s, r, _ in rows]
+            md.append(ablation_table(f"{arch}: ablations ({chosen[arch]} iterations), test split", rows))
+        curves = {f"{kind} seed {seed}": run["val_curve"] for (a, kind, seed), run in results.items()
+                  if a == arch and kind in kinds and run["val_curve"]}
+        if curves:
+            plot_ap_curves(curves, out / f"ap_vs_iter_{arch}.png", f"{arch}: val AP vs iteration")
+        not_run = [f"{k} seed {s}" for a, k, s in skipped if a == arch]
+        not_run += [f"{k} seed {s} (failed: {why})" for (a, k, s), why in failed.items() if a == arch]
+        if not_run:
+            md.append("Not run (would not have finished within --budget) or failed: " + ", ".join(not_run) + "\n")
+        text = "\n".join(md)
+        (out / f"accuracy_{arch}.md").write_text(text)
+        print(text)
+    (out / f"accuracy_{'_'.join(args.arch)}.json").write_text(json.dumps(report, indent=1))
     return report
 
 
-def _run_all(config: str, jobs: dict, parallel: int) -> dict:
+def _calibrate(configs: dict, probes: list[tuple[tuple[str, str], list[str]]], parallel: int) -> dict:
+    """Median seconds per step of every (arch, kind) among ``probes`` (key, overrides), all run side by side."""
+    with ProcessPoolExecutor(max_workers=max(parallel, len(probes)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [(key, pool.submit(calibrate_one, configs[key[0]], o)) for key, o in probes]
+        times = [(key, f.result()) for key, f in futures]
+    out: dict = {}
+    for (arch, kind), _ in probes:
+        out.setdefault(arch, {})[kind] = statistics.median(t for key, t in times if key == (arch, kind))
+    return out
+
+
+def _choose_iters(args, calibration: dict, ablation_runs: int, seconds: float) -> dict:
+    """The longest --iters whose equal-iteration (and equal-time) runs fit ``seconds`` at the calibrated speeds.
+
+    All equal-iteration runs start together; the equal-time baselines start when they end and take about as long as
+    the LGD runs, so the wall time is about (1 or 2) x iterations x LGD's slowest seconds per step."""
+    slowest = max(c["lgd"] for c in calibration.values())
+    main_runs = len(args.arch) * len(args.seeds) * 2
+    waves = math.ceil(main_runs / args.parallel) + (0 if args.no_equal_time else 1)
+    # 15% for evaluations, process start-up and stragglers
+    fits = [n for n in sorted(args.iters) if waves * n * slowest * 1.15 <= seconds]
+    if not fits:
+        print(f"warning: no --iters fits {seconds:.0f} s at {slowest:.3f} s/step; using the shortest, {min(args.iters)}"
+              " (runs that would not finish are not started)", flush=True)
+    return {a: (fits or [min(args.iters)])[-1] for a in args.arch}
+
+
+def _run_jobs(configs: dict, jobs: list[Job], parallel: int, follow_up,
+              deadline: float) -> tuple[dict, list, dict]:
+    """Run jobs by priority, at most ``parallel`` at a time; a job whose estimated time would pass the deadline is
+    not started. ``follow_up(results)`` may add jobs as results arrive.
+
+    Returns (results by job key, keys not started, failure message by job key)."""
+    pending = sorted(jobs)
+    running: dict[Future, Job] = {}
+    results: dict = {}
+    skipped: list = []
+    failed: dict = {}
     with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {key: pool.submit(run_one, config, overrides) for key, overrides in jobs.items()}
-        return {key: f.result() for key, f in futures.items()}
+        while pending or running:
+            while pending and len(running) < parallel:
+                job = pending.pop(0)
+                # The equal-iteration pairs always run (the schedule was sized for them): half a pair is worthless.
+                late = time.perf_counter() + job.iters * job.seconds_per_iter * 1.1 > deadline
+                if job.priority != MAIN and late:
+                    skipped.append(job.key)
+                    continue
+                running[pool.submit(run_one, configs[job.key[0]], job.overrides, job.teacher)] = job
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                try:
+                    results[job.key] = future.result()
+                except Exception as error:  # noqa: BLE001 - one failed run must not lose the others' results
+                    failed[job.key] = f"{type(error).__name__}: {error}"
+                    print(f"FAILED {job.key}: {failed[job.key]}", flush=True)
+                    continue
+                print(f"done {job.key}: test AP {results[job.key]['test']['bbox/AP']:.2f} "
+                      f"({results[job.key]['wall_s']:.0f} s)", flush=True)
+            pending = sorted(pending + follow_up(results))
+    return results, skipped, failed
 
 
 if __name__ == "__main__":

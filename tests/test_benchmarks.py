@@ -27,13 +27,28 @@ def test_cost_benchmark_quick(tmp_path):
 
 def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
     monkeypatch.setenv("LGD_CACHE", str(tmp_path / "cache"))
-    report = _load("accuracy").main(["--quick", "--seeds", "0", "--parallel", "1", "--out", str(tmp_path)])
-    base, lgd = report["equal_iterations"]["runs"][0]
+    report = _load("accuracy").main(["--quick", "--seeds", "0", "--parallel", "2", "--out", str(tmp_path),
+                                     "--ablation", "no_distill:lgd.distill_weight=0"])
+    retinanet = report["archs"]["retinanet"]
+    base, lgd = retinanet["equal_iterations"]["runs"][0]
     assert set(base["test"]) >= {"bbox/AP", "bbox/AP50", "bbox/AP75"}
-    assert report["equal_time"]["factor"] > 0
-    assert len(report["equal_time"]["runs"]) == 1
+    assert "bbox/AP" in lgd["teacher_test"] and "teacher_test" not in base
+    assert retinanet["equal_time"]["factor"] > 0
+    eq_base, _ = retinanet["equal_time"]["runs"][0]
+    assert eq_base["max_iter"] == round(4 * retinanet["equal_time"]["factor"])
+    assert [a["name"] for a in retinanet["ablations"]] == ["LGD (default)", "no_distill"]
+    assert (tmp_path / "runs" / "retinanet" / "ablation_no_distill_s0" / "result.json").is_file()
     assert (tmp_path / "accuracy_retinanet.md").is_file()
     assert (tmp_path / "ap_vs_iter_retinanet.png").is_file()
+
+
+def test_accuracy_benchmark_budget_chooses_a_schedule(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGD_CACHE", str(tmp_path / "cache"))
+    report = _load("accuracy").main(["--quick", "--seeds", "0", "--parallel", "2", "--out", str(tmp_path),
+                                     "--no-equal-time", "--budget", "600", "--iters", "4", "6", "100000"])
+    assert report["calibration_s_per_iter"]["retinanet"]["lgd"] > 0
+    assert report["chosen_iters"] == {"retinanet": 6}
+    assert report["archs"]["retinanet"]["equal_iterations"]["runs"][0][1]["max_iter"] == 6
 
 
 def test_profile_step_quick(capsys):
