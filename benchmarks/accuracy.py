@@ -220,8 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              kinds[keys[i % len(keys)][1]])) for i in range(max(args.parallel, len(keys)))]
         calibration = _calibrate(configs, probes, args.parallel)
         report["calibration_s_per_iter"] = calibration
-        chosen = _choose_iters(args, calibration, len(ablations) * len(ablation_seeds),
-                               args.budget - (time.perf_counter() - began))
+        chosen = _choose_iters(args, calibration, args.budget - (time.perf_counter() - began))
         report["chosen_iters"] = chosen
         print(f"calibrated s/iter {calibration}; schedule: {chosen}", flush=True)
 
@@ -331,7 +330,7 @@ def _calibrate(configs: dict, probes: list[tuple[tuple[str, str], list[str]]], p
     return out
 
 
-def _choose_iters(args, calibration: dict, ablation_runs: int, seconds: float) -> dict:
+def _choose_iters(args, calibration: dict, seconds: float) -> dict:
     """The longest --iters whose equal-iteration (and equal-time) runs fit ``seconds`` at the calibrated speeds.
 
     All equal-iteration runs start together; the equal-time baselines start when they end and take about as long as

@@ -111,6 +111,9 @@ class LGDConfig:
     attention: str = _f("student_guided", "inter-object relation pattern: student_guided | label_guided | student_fill | teacher_fill")
     mask_guided: bool = _f(False, "Mask R-CNN only: instance masks instead of boxes for inside masks, plus a 7x7 mask crop in the descriptor")
     distill_weight: float = _f(1.0, "lambda, the weight of the distillation loss")
+    teacher_trains_head: bool = _f(True, "the teacher's detection loss also updates the shared head (reference); false = "
+                                         "the head runs frozen on the teacher's features and only the teacher learns "
+                                         "from that loss (see BENCHMARKS.md)")
     pre_distill_iters: int = _f(30000, "first iterations where only the adapter learns from the distillation loss")
     post_distill_iters: int = _f(0, "last iterations where only the adapter learns from the distillation loss")
     freeze_backbone_iters: int = _f(0, "first iterations where the backbone body gets no update (20000 in the reference with ImageNet weights)")

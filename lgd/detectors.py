@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torchvision import models
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -187,6 +188,8 @@ class DetectorAdapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        # False: the teacher's pass runs the heads with detached parameters (lgd.teacher_trains_head)
+        self.teacher_trains_head = True
 
     @property
     def channels(self) -> int:
@@ -227,6 +230,11 @@ class DetectorAdapter:
         raise NotImplementedError
 
 
+def _frozen_call(module: nn.Module, *args):
+    """``module(*args)`` with its parameters detached: gradients reach the inputs, never the parameters."""
+    return functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, args)
+
+
 def _subset(image_list: ImageList, index: Tensor) -> ImageList:
     idx = index.tolist()
     return ImageList(image_list.tensors[index], [image_list.image_sizes[i] for i in idx])
@@ -246,13 +254,17 @@ class OneStageAdapter(DetectorAdapter):
         student = list(features.values())
         b = len(targets)
         anchors = self.model.anchor_generator(image_list, student)
-        both = student if teacher is None else [torch.cat([s, t]) for s, t in zip(student, teacher)]
-        outputs = self.model.head(both)
+        if teacher is not None and not self.teacher_trains_head:
+            outputs = self.model.head(student)
+            t_outputs = _frozen_call(self.model.head, teacher)
+        else:
+            both = student if teacher is None else [torch.cat([s, t]) for s, t in zip(student, teacher)]
+            outputs = self.model.head(both)
+            t_outputs = {k: v[b:] for k, v in outputs.items()}
         student_losses = self._compute_loss(targets, {k: v[:b] for k, v in outputs.items()}, anchors, student)
         if teacher is None:
             return student_losses, {}
         t_targets = [targets[i] for i in teacher_index.tolist()]
-        t_outputs = {k: v[b:] for k, v in outputs.items()}
         return student_losses, self._compute_loss(t_targets, t_outputs, anchors[: len(t_targets)], student)
 
     def detect(self, image_list, features, original_sizes):
@@ -290,9 +302,11 @@ class TwoStageAdapter(DetectorAdapter):
     label_offset = 1
     reference = {"context_box": False, "detach_appearance": True}
 
-    def _heads(self, image_list: ImageList, features: "OrderedDict[str, Tensor]", targets: Targets) -> dict[str, Tensor]:
-        proposals, rpn_losses = self.model.rpn(image_list, features, targets)
-        _, roi_losses = self.model.roi_heads(features, proposals, image_list.image_sizes, targets)
+    def _heads(self, image_list: ImageList, features: "OrderedDict[str, Tensor]", targets: Targets,
+               frozen: bool = False) -> dict[str, Tensor]:
+        call = _frozen_call if frozen else lambda module, *args: module(*args)
+        proposals, rpn_losses = call(self.model.rpn, image_list, features, targets)
+        _, roi_losses = call(self.model.roi_heads, features, proposals, image_list.image_sizes, targets)
         return {**rpn_losses, **roi_losses}
 
     def losses(self, image_list, targets, features, teacher=None, teacher_index=None):
@@ -301,7 +315,8 @@ class TwoStageAdapter(DetectorAdapter):
             return student_losses, {}
         t_features = OrderedDict(zip(features.keys(), teacher))
         t_targets = [targets[i] for i in teacher_index.tolist()]
-        return student_losses, self._heads(_subset(image_list, teacher_index), t_features, t_targets)
+        return student_losses, self._heads(_subset(image_list, teacher_index), t_features, t_targets,
+                                           frozen=not self.teacher_trains_head)
 
     def detect(self, image_list, features, original_sizes):
         proposals, _ = self.model.rpn(image_list, features)

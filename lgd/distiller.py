@@ -93,6 +93,7 @@ class LGD(nn.Module):
         cfg = config or LGDConfig()
         self.student = detector
         self.detector: DetectorAdapter = adapter_for(detector)
+        self.detector.teacher_trains_head = cfg.teacher_trains_head
         if num_classes is None:
             num_classes = _predicted_classes(detector) - self.detector.label_offset
         ref = self.detector.reference

@@ -105,6 +105,22 @@ def test_one_stage_teacher_loss_trains_the_student_backbone_unless_detached():
         assert _has_grad(model.student.backbone.body.parameters()) == expected
 
 
+@pytest.mark.parametrize("arch", ["retinanet", "fcos", "fasterrcnn", "maskrcnn"])
+def test_teacher_loss_updates_the_shared_head_unless_teacher_trains_head_is_off(arch):
+    for trains_head in (True, False):
+        model = tiny_lgd(arch, teacher_trains_head=trains_head, mask_guided=arch == "maskrcnn").train()
+        losses = model(*batch(arch))
+        sum(v for k, v in losses.items() if k.startswith("teacher/")).backward()
+        heads = model.student.head if arch in ("retinanet", "fcos") else model.student.roi_heads
+        assert _has_grad(heads.parameters()) == trains_head
+        assert _has_grad(model.teacher.parameters())
+        if trains_head is False:
+            model.zero_grad()
+            losses = model(*batch(arch))
+            sum(v for k, v in losses.items() if not k.startswith("teacher/")).backward()
+            assert _has_grad(heads.parameters())
+
+
 @pytest.mark.parametrize("arch", ["retinanet", "fcos", "fasterrcnn"])
 @pytest.mark.parametrize("objects", [(0, 0), (0, 1), (1, 100)])
 def test_empty_single_and_crowded_images_stay_finite(arch, objects):
