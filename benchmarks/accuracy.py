@@ -17,7 +17,8 @@ architecture, ``--ablation-seeds``), reported beside the same seeds' baseline an
 Runs go ``--parallel`` at a time, one thread each. With ``--budget SECONDS`` (for a GPU machine lent for minutes)
 every kind of run first trains a few steps side by side to measure its seconds per step; the longest schedule in
 ``--iters`` whose runs fit the budget is chosen and recorded, and an equal-time or ablation run that no longer fits
-is not started (the report lists it as not run); the equal-iteration pairs always run. Each finished run writes ``result.json`` in its folder as soon as it ends.
+is not started (the report lists it as not run); the equal-iteration pairs always run. Each finished run writes
+``result.json`` in its folder as soon as it ends.
 """
 from __future__ import annotations
 
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.config and len(args.arch) > 1:
         parser.error("--config needs a single --arch")
+    if args.budget and not args.iters:
+        parser.error("--budget needs --iters, the schedule lengths to choose from")
 
     from lgd.config import load_config
     from lgd.engine import split_paths
@@ -216,28 +219,29 @@ def main(argv: list[str] | None = None) -> dict:
     if args.budget:
         # as many calibration runs as --parallel, so each is measured under the contention the real runs will see
         keys = [(a, k) for a in args.arch for k in kinds]
-        probes = [(keys[i % len(keys)], spec(keys[i % len(keys)][0], 0, f"calibrate{i}_{keys[i % len(keys)][1]}",
-                                             kinds[keys[i % len(keys)][1]])) for i in range(max(args.parallel, len(keys)))]
+        probes = []
+        for i in range(max(args.parallel, len(keys))):
+            arch, kind = keys[i % len(keys)]
+            probes.append(((arch, kind), spec(arch, 0, f"calibrate{i}_{kind}", kinds[kind])))
         calibration = _calibrate(configs, probes, args.parallel)
         report["calibration_s_per_iter"] = calibration
         chosen = _choose_iters(args, calibration, args.budget - (time.perf_counter() - began))
         report["chosen_iters"] = chosen
         print(f"calibrated s/iter {calibration}; schedule: {chosen}", flush=True)
 
+    sched = {a: schedule(cfgs[a], chosen[a]) for a in args.arch}
     jobs, order = [], 0
     for arch in args.arch:
-        sched = schedule(cfgs[arch], chosen[arch]) if chosen[arch] != cfgs[arch].solver.max_iter else []
         for seed in args.seeds:
             for kind, extra in kinds.items():
-                jobs.append(Job(MAIN, order, (arch, kind, seed), spec(arch, seed, kind, sched + extra),
+                jobs.append(Job(MAIN, order, (arch, kind, seed), spec(arch, seed, kind, sched[arch] + extra),
                                 kind == "lgd", chosen[arch], calibration.get(arch, {}).get(kind, 0.0)))
                 order += 1
     first = args.arch[0]
     for name, extra in ablations:
-        sched = schedule(cfgs[first], chosen[first]) if chosen[first] != cfgs[first].solver.max_iter else []
         for seed in ablation_seeds:
             jobs.append(Job(ABLATION, order, (first, f"ablation:{name}", seed),
-                            spec(first, seed, f"ablation_{name}", sched + extra), True, chosen[first],
+                            spec(first, seed, f"ablation_{name}", sched[first] + extra), True, chosen[first],
                             calibration.get(first, {}).get("lgd", 0.0)))
             order += 1
 
@@ -256,8 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
             report["archs"].setdefault(arch, {})["step_time_ratio"] = ratio
             base_cfg = load_config(configs[arch], pairs[0][0]["overrides"])
             for seed in args.seeds:
-                overrides = stretched(spec(arch, seed, "baseline_eqtime", kinds["baseline"] + schedule(
-                    cfgs[arch], chosen[arch])), base_cfg, ratio)
+                overrides = stretched(spec(arch, seed, "baseline_eqtime", kinds["baseline"] + sched[arch]),
+                                      base_cfg, ratio)
                 iters = round(chosen[arch] * ratio)
                 new.append(Job(EQUAL_TIME, len(queued), (arch, "eqtime", seed), overrides, False, iters,
                                calibration.get(arch, {}).get("baseline", 0.0)))
