@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
             return []
         new = []
         for arch in args.arch:
-            if any((arch, "eqtime", s) in done or (arch, "eqtime", s) in queued for s in args.seeds):
+            if (arch, "eqtime", args.seeds[0]) in queued:
                 continue
             pairs = [(done.get((arch, "baseline", s)), done.get((arch, "lgd", s))) for s in args.seeds]
             if not all(b and lg for b, lg in pairs):
@@ -294,17 +294,14 @@ def main(argv: list[str] | None = None) -> dict:
             md.append(table(f"{arch}: equal wall-clock time: baseline trained {ratio:.2f}x as many iterations "
                             f"({eq_pairs[0][0]['max_iter']}), schedule stretched; test split",
                             eq_seeds, eq_pairs, entry["equal_time"]["summary"]))
-        rows = []
-        for name, extra in ablations if arch == first else []:
-            for seed in ablation_seeds:
-                if (arch, f"ablation:{name}", seed) in results:
-                    rows.append((name, ",".join(extra), seed, results[(arch, f"ablation:{name}", seed)],
-                                 results.get((arch, "baseline", seed))))
-        for seed in ablation_seeds if rows else []:
-            if (arch, "lgd", seed) in results:
-                rows.insert(0, ("LGD (default)", "", seed, results[(arch, "lgd", seed)],
-                                results.get((arch, "baseline", seed))))
+
+        def variant_rows(name: str, kind: str, extra: list[str]) -> list[tuple]:
+            return [(name, ",".join(extra), seed, results[(arch, kind, seed)], results.get((arch, "baseline", seed)))
+                    for seed in ablation_seeds if (arch, kind, seed) in results]
+
+        rows = [row for n, e in (ablations if arch == first else []) for row in variant_rows(n, f"ablation:{n}", e)]
         if rows:
+            rows = variant_rows("LGD (default)", "lgd", []) + rows
             entry["ablations"] = [{"name": n, "overrides": o, "seed": s, "run": r} for n, o, s, r, _ in rows]
             md.append(ablation_table(f"{arch}: ablations ({chosen[arch]} iterations), test split", rows))
         curves = {f"{kind} seed {seed}": run["val_curve"] for (a, kind, seed), run in results.items()
