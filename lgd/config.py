@@ -90,13 +90,19 @@ class SolverConfig:
     max_iter: int = _f(180000, "training iterations")
     base_lr: float = _f(0.01, "student learning rate (SGD)")
     momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(1e-4, "SGD weight decay")
+    weight_decay: float = _f(1e-4, "SGD weight decay, on every parameter unless the two keys below say otherwise (reference)")
+    weight_decay_norm: Optional[float] = _f(None, "weight decay of normalisation-layer parameters; null = weight_decay "
+                                                  "(reference); 0 = exclude them (detectron2's default)")
+    weight_decay_bias: Optional[float] = _f(None, "weight decay of biases; null = weight_decay (reference)")
     schedule: str = _f("multistep", "learning-rate decay: multistep | cosine")
     steps: list = _f([120000, 160000], "iterations where multistep multiplies the rate by gamma")
     gamma: float = _f(0.1, "multistep decay factor")
     warmup_iters: int = _f(1000, "linear warm-up iterations")
     warmup_factor: float = _f(0.001, "learning-rate multiplier at iteration 0 of the warm-up")
-    clip_grad_norm: float = _f(1.0, "clip each optimiser's gradient L2 norm to this (0 = off)")
+    clip_type: str = _f("value", "gradient clipping, in each optimiser separately: value (clamp every gradient element "
+                                 "to [-clip_value, clip_value], the reference) | norm (scale the optimiser's gradients to "
+                                 "global L2 norm <= clip_value) | none")
+    clip_value: float = _f(1.0, "the bound of solver.clip_type (reference: 1.0)")
     amp: str = _f("none", "mixed precision: none (fp32) | bf16 (CUDA, or CPU autocast) | fp16 (CUDA, with a gradient scaler)")
     accumulate: int = _f(1, "micro-batches per step: each process's share of data.batch_size is split in this many, gradients add up (same global batch, less memory)")
     nan_policy: str = _f("stop", "on a NaN/infinite loss or gradient: stop (message + debug checkpoint nan_debug_*.pth) | skip (the step, logged)")
@@ -146,6 +152,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("frozen_bn", "bn", "gn"),
     "model.head_norm": ("none", "gn"),
     "solver.schedule": ("multistep", "cosine"),
+    "solver.clip_type": ("value", "norm", "none"),
     "solver.amp": ("none", "bf16", "fp16"),
     "solver.nan_policy": ("stop", "skip"),
     "lgd.class_format": ("one_hot", "norm_classes"),
@@ -166,7 +173,16 @@ def all_keys(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Fiel
     return out
 
 
+# Keys that were replaced, with what to write instead: a config from an older version gets told, not guessed at.
+REPLACED: dict[str, str] = {
+    "solver.clip_grad_norm": "solver.clip_type=norm solver.clip_value=<the old value> (0 = solver.clip_type=none); "
+                             "the default is now the reference's element-wise clipping, solver.clip_type=value",
+}
+
+
 def _unknown(key: str) -> ConfigError:
+    if key in REPLACED:
+        return ConfigError(f"config key '{key}' was replaced: use {REPLACED[key]}")
     close = difflib.get_close_matches(key, list(all_keys()), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint} (run `lgd config` to list every key)")
@@ -291,6 +307,9 @@ def validate(cfg: Config) -> None:
     if cfg.solver.accumulate < 1 or cfg.data.batch_size % cfg.solver.accumulate:
         raise ConfigError(f"solver.accumulate must be a positive divisor of data.batch_size={cfg.data.batch_size}; "
                           f"got {cfg.solver.accumulate}")
+    if cfg.solver.clip_type != "none" and cfg.solver.clip_value <= 0:
+        raise ConfigError(f"solver.clip_value must be positive with solver.clip_type={cfg.solver.clip_type}; got "
+                          f"{cfg.solver.clip_value} (solver.clip_type=none turns clipping off)")
     if cfg.keep_checkpoints < 1:
         raise ConfigError(f"keep_checkpoints must be at least 1; got {cfg.keep_checkpoints}")
     if cfg.data.batch_size <= 0 or cfg.data.eval_batch_size <= 0:

@@ -128,9 +128,13 @@ class LGD(nn.Module):
 
     @property
     def student_detached(self) -> bool:
-        """True inside the windows where only the adapter learns from the distillation loss."""
-        post_start = self.max_iter - self.post_distill_iters if self.post_distill_iters else None
-        return self.iteration < self.pre_distill_iters or (post_start is not None and self.iteration >= post_start)
+        """True inside the windows where only the adapter learns from the distillation loss.
+
+        The post-distillation window is ``iteration > max_iter - post_distill_iters``, as in the reference
+        (megvii-research/LGD ``train.py``), so it holds ``post_distill_iters - 1`` of the 0-based iterations.
+        """
+        post = self.post_distill_iters and self.iteration > self.max_iter - self.post_distill_iters
+        return self.iteration < self.pre_distill_iters or bool(post)
 
     def student_parameters(self) -> list[nn.Parameter]:
         """What the student optimiser updates: the detector and the adapter."""

@@ -116,23 +116,34 @@ def to_device(images: list[Tensor], targets: list[dict], device: torch.device) -
 
 
 # ----------------------------------------------------------------------------- optimisation
-_NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def make_optimizer(modules: Iterable[nn.Module], lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD over every trainable parameter; normalisation layers get no weight decay (detectron2's default)."""
-    decay, no_decay, seen = [], [], set()
+def make_optimizer(modules: Iterable[nn.Module], lr: float, momentum: float, weight_decay: float,
+                   weight_decay_norm: Optional[float] = None,
+                   weight_decay_bias: Optional[float] = None) -> torch.optim.SGD:
+    """SGD over every trainable parameter, each once.
+
+    Weight decay is ``weight_decay`` on every parameter, as in the reference's optimiser builder
+    (megvii-research/LGD ``utils/build.py``: one group per parameter, all at 1e-4). ``weight_decay_norm`` sets it
+    for normalisation-layer parameters and ``weight_decay_bias`` for biases (detectron2's SOLVER.WEIGHT_DECAY_NORM
+    / _BIAS); None means ``weight_decay``. A norm layer's bias follows ``weight_decay_norm``.
+    """
+    groups: dict[float, list[nn.Parameter]] = {}
+    seen: set[int] = set()
     for module in modules:
         for m in module.modules():
-            for p in m.parameters(recurse=False):
+            for name, p in m.named_parameters(recurse=False):
                 if not p.requires_grad or id(p) in seen:
                     continue
                 seen.add(id(p))
-                (no_decay if isinstance(m, _NORMS) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+                decay = weight_decay
+                if isinstance(m, _NORMS):
+                    decay = weight_decay if weight_decay_norm is None else weight_decay_norm
+                elif name == "bias" and weight_decay_bias is not None:
+                    decay = weight_decay_bias
+                groups.setdefault(decay, []).append(p)
+    return torch.optim.SGD([{"params": ps, "weight_decay": wd} for wd, ps in groups.items()], lr=lr, momentum=momentum)
 
 
 def lr_factor(it: int, s: SolverConfig) -> float:
@@ -153,7 +164,8 @@ class Optimisation:
 
     optimizers: list[torch.optim.Optimizer]
     schedulers: list[torch.optim.lr_scheduler.LambdaLR]
-    clip: float
+    clip_type: str  # "value" | "norm" | "none", applied to each optimiser's gradients separately
+    clip_value: float
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -181,8 +193,10 @@ class Optimisation:
             if not bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for g in grads])).all()):
                 return [p for _, params in active for p in params if not bool(torch.isfinite(p.grad).all())]
         for opt, params in active:
-            if self.clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, self.clip)
+            if self.clip_type == "value":
+                torch.nn.utils.clip_grad_value_(params, self.clip_value)
+            elif self.clip_type == "norm":
+                torch.nn.utils.clip_grad_norm_(params, self.clip_value)
             if scaling:
                 scaler.step(opt)
             else:
@@ -217,13 +231,16 @@ def build_optimisation(model: nn.Module, cfg: Config) -> Optimisation:
     s = cfg.solver
     if isinstance(model, LGD):
         optimizers = [
-            make_optimizer([model.student, model.adapter], s.base_lr, s.momentum, s.weight_decay),
-            make_optimizer([model.teacher], cfg.lgd.teacher_lr, cfg.lgd.teacher_momentum, cfg.lgd.teacher_weight_decay),
+            make_optimizer([model.student, model.adapter], s.base_lr, s.momentum, s.weight_decay,
+                           s.weight_decay_norm, s.weight_decay_bias),
+            make_optimizer([model.teacher], cfg.lgd.teacher_lr, cfg.lgd.teacher_momentum, cfg.lgd.teacher_weight_decay,
+                           s.weight_decay_norm, s.weight_decay_bias),
         ]
     else:
-        optimizers = [make_optimizer([model], s.base_lr, s.momentum, s.weight_decay)]
+        optimizers = [make_optimizer([model], s.base_lr, s.momentum, s.weight_decay, s.weight_decay_norm,
+                                     s.weight_decay_bias)]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda it: lr_factor(it, s)) for o in optimizers]
-    return Optimisation(optimizers, schedulers, s.clip_grad_norm)
+    return Optimisation(optimizers, schedulers, s.clip_type, s.clip_value)
 
 
 # ----------------------------------------------------------------------------- checkpoints

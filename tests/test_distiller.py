@@ -71,9 +71,9 @@ def test_student_gets_no_distillation_gradient_before_pre_distill_iters():
 
 def test_post_distill_window_detaches_the_last_iterations():
     model = tiny_lgd("retinanet", post_distill_iters=5)  # max_iter = 100
-    model.set_iteration(94)
+    model.set_iteration(95)  # the reference detaches when iteration > max_iter - post_distill_iters
     assert not model.student_detached
-    model.set_iteration(95)
+    model.set_iteration(96)
     assert model.student_detached
 
 
