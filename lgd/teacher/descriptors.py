@@ -58,7 +58,11 @@ def _scatter(
 
 
 def pad_objects(
-    boxes: list[Tensor], classes: list[Tensor], image_size: tuple[int, int], context_box: bool
+    boxes: list[Tensor],
+    classes: list[Tensor],
+    image_size: tuple[int, int],
+    context_box: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> PaddedObjects:
     """Lay the objects of B images out as a padded set, appending the context box if enabled.
 
@@ -67,6 +71,9 @@ def pad_objects(
         classes: B tensors, each (N_i,) int64.
         image_size: (H, W) of the padded batch.
         context_box: append one object per image covering the whole image ([0, 0, W, H]).
+        dtype: floating dtype of the padded boxes, and so of the descriptors built from them. The teacher
+            passes its features' dtype (at least float32), so a float64 teacher computes descriptors such as
+            95/96 in float64, as the reference does.
 
     Returns:
         The padded set with N = max N_i + 1 slots with the context box, else max(max N_i, 1):
@@ -83,8 +90,8 @@ def pad_objects(
     slot_index = (torch.arange(image_index.numel()) - starts[image_index]).to(device)
     image_index = image_index.to(device)
 
-    upper = torch.tensor([width - 1, height - 1] * 2, dtype=torch.float32, device=device)
-    flat_boxes = torch.minimum(torch.cat(boxes).to(device, torch.float32).clamp(min=0), upper)
+    upper = torch.tensor([width - 1, height - 1] * 2, dtype=dtype, device=device)
+    flat_boxes = torch.minimum(torch.cat(boxes).to(device, dtype).clamp(min=0), upper)
     flat_classes = torch.cat(classes).to(device, torch.long)
     present = torch.ones(flat_boxes.shape[0], dtype=torch.bool, device=device)
     padded_boxes = _scatter(flat_boxes, image_index, slot_index, layout, 0)
@@ -92,7 +99,7 @@ def pad_objects(
     valid = _scatter(present, image_index, slot_index, layout, False)
     is_context = torch.zeros(layout, dtype=torch.bool, device=device)
     if context_box:
-        whole = torch.tensor([0.0, 0.0, width, height], device=device)
+        whole = torch.tensor([0.0, 0.0, width, height], dtype=dtype, device=device)
         padded_boxes[:, -1] = torch.minimum(whole, upper)
         valid[:, -1] = True
         is_context[:, -1] = True

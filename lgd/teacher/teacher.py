@@ -101,7 +101,10 @@ class ImplicitTeacher(nn.Module):
         """
         image_size = (int(image_size[0]), int(image_size[1]))
         self._check_inputs(features, boxes, classes, image_size, masks)
-        objects = pad_objects(boxes, classes, image_size, self.context_box)
+        # Boxes and descriptors in the features' precision, never below float32: boxes of up to ~1333 px lose
+        # whole pixels in bfloat16 under autocast.
+        box_dtype = torch.promote_types(features[0].dtype, torch.float32)
+        objects = pad_objects(boxes, classes, image_size, self.context_box, box_dtype)
         flat_masks = torch.cat(masks).to(objects.boxes.device) if self.mask_guided else None
         level_masks = [
             self._level_masks(objects, image_size, tuple(level.shape[-2:]), flat_masks) for level in features
