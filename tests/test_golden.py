@@ -156,7 +156,6 @@ def test_a_changed_step_is_caught():
     teacher = build_teacher(name)
     with torch.no_grad():
         teacher.mapper.refine[6].bias[0] += 1e-6
-    with torch.no_grad():
         output = teacher(features(), GOLDEN["inputs"]["boxes"], GOLDEN["inputs"]["classes"],
                          tuple(GOLDEN["inputs"]["image_size"]))
     diff = max(float((o - r).abs().max()) for o, r in zip(output.features, GOLDEN["configs"][name]["outputs"]))
