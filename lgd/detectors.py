@@ -180,7 +180,7 @@ def _read_weights(spec: str, key: str) -> dict[str, Tensor]:
 class DetectorAdapter:
     """The uniform view LGD needs of one torchvision detector family.
 
-    ``reference`` holds the LGD reference defaults of the family (LGD_SPEC section 8).
+    ``reference`` holds the LGD reference defaults of the family (docs/method.md, section 8).
     """
 
     label_offset: int = 0

@@ -22,7 +22,7 @@ from lgd.teacher import ImplicitTeacher, TeacherOutput
 
 
 class FeatureAdapter(nn.Module):
-    """The student-side adapter of the distillation loss, shared by all levels (LGD_SPEC section 7).
+    """The student-side adapter of the distillation loss, shared by all levels (docs/method.md, section 7).
 
     conv3x3, ReLU, conv3x3, ReLU, conv3x3 (C -> C, with bias): (B, C, H, W) -> (B, C, H, W).
     """
@@ -183,7 +183,11 @@ class LGD(nn.Module):
 
     @torch.no_grad()
     def teacher_detect(self, images: list[Tensor], targets: Targets) -> list[dict[str, Tensor]]:
-        """The diagnostic: the student's head run on the teacher's features (needs ground truth: an upper bound)."""
+        """The teacher diagnostic: the student's head run on the teacher's maps (needs the ground truth).
+
+        Detections in the student's output format. An AP above the student's says the teacher has something to
+        teach; below, distilling it pulls the student down (docs/method.md, section 9).
+        """
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         image_list, targets = self.detector.preprocess(images, targets)
         features = self.detector.features(image_list)

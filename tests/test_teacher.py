@@ -1,4 +1,4 @@
-"""Tests for LGD's implicit teacher (spec sections 1-5), CPU-only with tiny sizes."""
+"""Tests for LGD's implicit teacher (docs/method.md, sections 1-5), CPU-only with tiny sizes."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """COCO-style evaluation with pycocotools: detector outputs -> result records -> AP.
 
-Units: every AP here is in percent (0-100), as papers and the LGD spec report it. Where
+Units: every AP here is in percent (0-100), as papers report it. Where
 pycocotools reports -1 (no ground-truth object of that kind, e.g. no small objects), the
 value is NaN, so that it cannot be mistaken for a real score or averaged in by accident.
 """

@@ -1,4 +1,4 @@
-"""Appearance encoder (LGD spec section 3): per-object appearance from the student's features."""
+"""Appearance encoder (docs/method.md, section 3): per-object appearance from the student's features."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Label descriptors (LGD spec section 1): the padded object set and its per-object vectors.
+"""Label descriptors (docs/method.md, section 1): the padded object set and its per-object vectors.
 
 Objects of a batch live in one padded layout, B x N: image i's N_i ground-truth objects fill
 slots 0..N_i-1, the optional context box takes the last slot of every image, the rest is

@@ -1,4 +1,4 @@
-"""Label encoder (LGD spec section 2): a PointNet-style set encoder over each image's objects.
+"""Label encoder (docs/method.md, section 2): a PointNet-style set encoder over each image's objects.
 
 The reference writes the per-object layers as 1x1 Conv1d over a length axis; here they are
 nn.Linear over the last axis of a (B, N, d) tensor, which is the same map with the same

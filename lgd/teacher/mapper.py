@@ -1,4 +1,4 @@
-"""Intra-object knowledge mapper (LGD spec section 5): paints object knowledge into FPN maps."""
+"""Intra-object knowledge mapper (docs/method.md, section 5): paints object knowledge into FPN maps."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Inter-object relation adapter (LGD spec section 4): labels and appearance meet in attention."""
+"""Inter-object relation adapter (docs/method.md, section 4): labels and appearance meet in attention."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LGD's implicit teacher (spec sections 1-5): labels + student features -> teacher FPN maps."""
+"""LGD's implicit teacher (docs/method.md, sections 1-5): labels + student features -> teacher FPN maps."""
 
 from __future__ import annotations
 
