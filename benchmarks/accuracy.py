@@ -43,7 +43,11 @@ MAIN, EQUAL_TIME, ABLATION = 0, 1, 2
 
 
 def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
-    """Train one run (a subprocess worker), evaluate it on the test split, write its result.json."""
+    """Train one run (a subprocess worker), evaluate it on the test split, write its result.json.
+
+    A run whose folder already holds the result.json of the same overrides is not repeated; one interrupted
+    before that resumes from its last checkpoint. So an interrupted benchmark continues where it stopped.
+    """
     import torch
 
     from lgd.atomic import atomic_write_text
@@ -53,7 +57,10 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     torch.set_num_threads(1)
     started = time.perf_counter()
     cfg = load_config(config, overrides)
-    out = train(cfg, progress=False)
+    done = Path(cfg.output_dir) / "result.json"
+    if done.is_file() and json.loads(done.read_text()).get("overrides") == overrides:
+        return json.loads(done.read_text())
+    out = train(cfg, resume=(Path(cfg.output_dir) / "last.pth").is_file(), progress=False)
     model, test = load_trained(cfg, "test")
     device = resolve_device(cfg.device)
     model.to(device)

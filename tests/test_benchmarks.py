@@ -42,6 +42,24 @@ def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
     assert (tmp_path / "ap_vs_iter_retinanet.png").is_file()
 
 
+def _same(a, b) -> bool:
+    """Equal as JSON: NaN equals NaN, tuples equal lists."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_accuracy_benchmark_keeps_finished_runs_and_resumes_unfinished_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGD_CACHE", str(tmp_path / "cache"))
+    args = ["--quick", "--seeds", "0", "--parallel", "1", "--out", str(tmp_path), "--no-equal-time"]
+    first = _load("accuracy").main(args)["archs"]["retinanet"]["equal_iterations"]["runs"][0]
+    runs = tmp_path / "runs" / "retinanet"
+    (runs / "lgd_s0" / "result.json").unlink()  # as if LGD had been stopped after its last checkpoint
+    baseline_result = (runs / "baseline_s0" / "result.json").stat().st_mtime_ns
+    second = _load("accuracy").main(args)["archs"]["retinanet"]["equal_iterations"]["runs"][0]
+    assert (runs / "baseline_s0" / "result.json").stat().st_mtime_ns == baseline_result  # not trained again
+    assert _same(second[0], first[0])
+    assert _same(second[1]["test"], first[1]["test"])  # resumed from the final checkpoint: the same model
+
+
 def test_accuracy_benchmark_budget_chooses_a_schedule(tmp_path, monkeypatch):
     monkeypatch.setenv("LGD_CACHE", str(tmp_path / "cache"))
     report = _load("accuracy").main(["--quick", "--seeds", "0", "--parallel", "2", "--out", str(tmp_path),
