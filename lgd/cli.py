@@ -10,10 +10,14 @@ from typing import Optional
 OVERRIDES_HELP = "config overrides as dotted KEY=VALUE, e.g. solver.max_iter=200 data.train.root=/data/coco/train2017"
 
 
+def _no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML config (see configs/); defaults apply to keys it does not set")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+    _no_progress(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "so it is an upper bound, not a deployable model")
 
     p = sub.add_parser("predict", help="detect objects in an image or a folder of images",
-                       description="Write detections.json and one PNG per image with boxes, class names and scores.")
-    p.add_argument("input", help="an image file or a folder of images")
+                       description="Write detections.json (every detection above the threshold) and one PNG per "
+                                   "image: one class-coloured box per object with its class name and score, "
+                                   "small images drawn upscaled. An image that cannot be read is reported and "
+                                   "skipped; exit status 1 then, 0 when every image was predicted.")
+    p.add_argument("input", help="an image file or a folder of images (its top level; hidden files are left out)")
     p.add_argument("--model", required=True, help="a student written by `lgd export`")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--score-thresh", type=float, default=0.3, help="drawn and saved detections score at least this")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    _no_progress(p)
 
     p = sub.add_parser("export", help="write the student alone: a plain torchvision model plus class metadata",
                        description="The exported file loads with torch and torchvision alone (see README).")
@@ -62,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--num-classes", type=int, help="K (default: the training dataset's category count)")
 
-    sub.add_parser("config", help="list every config key with its default and meaning")
+    _no_progress(sub.add_parser("config", help="list every config key with its default and meaning"))
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="TOOL")
@@ -73,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val", type=int, default=200, help="validation images (default 200)")
     s.add_argument("--test", type=int, default=200, help="test images (default 200)")
     s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    _no_progress(s)
     s = data_sub.add_parser("convert", help="convert Pascal VOC, YOLO or CrowdHuman annotations to a COCO JSON",
                             description="Write a COCO instances JSON and print the data.<split>.root/ann to train "
                                         "with it. Training configs can also read these formats directly "
@@ -86,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(YOLO: required; VOC: default the 20 VOC classes)")
     s.add_argument("--box", default="full", choices=("full", "visible", "head"), help="CrowdHuman box type (default full)")
     s.add_argument("--out", required=True, help="the COCO JSON to write")
+    _no_progress(s)
     s = data_sub.add_parser("stats", help="images, objects, class histogram and object sizes of a split (+ PNG)",
                             description="Print a split's statistics and plot its class histogram and object size "
                                         "distribution; any format the config can read.")
@@ -163,39 +173,23 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported the student ({type(student_of(model)).__name__}, no LGD modules) to {out}")
 
 
-def cmd_predict(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
+def cmd_predict(args: argparse.Namespace) -> int:
     from lgd.engine import resolve_device
     from lgd.export import load_student
-    from lgd.visualize import draw_detections, list_images, load_image
-    import torch
+    from lgd.predict import predict
 
     model, meta = load_student(Path(args.model))
     device = resolve_device(args.device)
     model.to(device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    offset, names = meta["label_offset"], meta["class_names"]
-    for path in tqdm(list_images(Path(args.input)), desc="predict", dynamic_ncols=True):
-        image = load_image(path)
-        with torch.no_grad():
-            det = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
-        keep = det["scores"] >= args.score_thresh
-        det = {k: v[keep] for k, v in det.items()}
-        draw_detections(image, det, names, label_offset=offset, score_thresh=args.score_thresh).save(
-            out / f"{path.stem}.png")
-        records.append({
-            "file": str(path),
-            "detections": [
-                {"box_xyxy": [round(float(x), 2) for x in box], "score": round(float(score), 4),
-                 "category_id": meta["category_ids"][int(label) - offset], "class_name": names[int(label) - offset]}
-                for box, score, label in zip(det["boxes"], det["scores"], det["labels"])
-            ],
-        })
-    (out / "detections.json").write_text(json.dumps(records, indent=1))
-    print(f"{len(records)} images, {sum(len(r['detections']) for r in records)} detections -> {out}")
+    result = predict(model, meta, Path(args.input), out, args.score_thresh, device, progress=not args.no_progress)
+    if result.hidden:
+        print(f"left out {len(result.hidden)} hidden files (e.g. {result.hidden[0].name})", file=sys.stderr)
+    for reason in result.skipped:
+        print(f"lgd: skipped {reason}", file=sys.stderr)
+    print(f"{len(result.records)} images, {result.detections} detections -> {out}"
+          + (f"; {len(result.skipped)} images skipped (see above)" if result.skipped else ""))
+    return 1 if result.skipped else 0
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -226,11 +220,12 @@ def count(module) -> int:
 
 
 def _count_categories(ann: Path) -> int:
+    from lgd.data.text_io import read_json
     from lgd.errors import DatasetError
 
     try:
-        return len(json.loads(Path(ann).read_text())["categories"])
-    except (OSError, ValueError, KeyError) as e:
+        return len(read_json(Path(ann), "annotation file")["categories"])
+    except (TypeError, KeyError) as e:
         raise DatasetError(f"cannot read categories from {ann}: {e}") from None
 
 
@@ -260,7 +255,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         from lgd.data.synthetic import write_synthetic
 
         out = write_synthetic(Path(args.out), seed=args.seed, num_train=args.train, num_val=args.val,
-                              num_test=args.test, size=args.size)
+                              num_test=args.test, size=args.size, progress=not args.no_progress)
         print(f"wrote the synthetic dataset to {out}")
 
 
@@ -287,7 +282,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except LGDError as e:
         print(f"lgd: error: {e}", file=sys.stderr)
         return 2
@@ -297,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("\nlgd: interrupted. The last checkpoint is intact; continue with the same command and --resume.",
               file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -1,63 +1,23 @@
-"""Reading images from disk and drawing detections on them."""
+"""Pictures of detections, as ``lgd predict`` writes them: one labelled, class-coloured box per object."""
 
 from __future__ import annotations
 
 import colorsys
+import functools
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from matplotlib import font_manager
+from PIL import Image
+from torchvision.ops import nms
+from torchvision.transforms.v2 import functional as F
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from lgd.errors import DatasetError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-def load_image(path: Path) -> torch.Tensor:
-    """Read an image file as a (3, H, W) float tensor in [0, 1], RGB.
-
-    EXIF orientation is not applied, matching how COCO-style datasets are read for
-    training, so boxes predicted here line up with the dataset's annotations.
-
-    Raises:
-        DatasetError: the file is missing or cannot be decoded; the message names it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DatasetError(f"cannot decode image {path}: {error}") from error
-    return pil_to_tensor(rgb).float().div_(255)
-
-
-def list_images(path: Path) -> list[Path]:
-    """The image files at `path`: the file itself, or a folder's images sorted by name.
-
-    Only the folder's top level is searched; extensions are matched case-insensitively
-    against jpg, jpeg, png, bmp and webp.
-
-    Raises:
-        DatasetError: the path does not exist, or holds no image.
-    """
-    path = Path(path)
-    if path.is_file():
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise DatasetError(f"{path} is not an image (expected one of {IMAGE_EXTENSIONS})")
-        return [path]
-    if not path.is_dir():
-        raise DatasetError(f"no such image file or folder: {path}")
-    images = sorted(
-        p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
-    if not images:
-        raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
-    return images
+# Images whose long side is shorter are drawn upscaled to this many pixels, so that labels stay legible.
+PICTURE_LONG_SIDE = 800
+# torchvision's detectors suppress overlaps per class only, so one object can come out once per class from
+# the same anchor or location (IoU ~1). The picture keeps the best-scoring of boxes overlapping this much.
+PICTURE_NMS_IOU = 0.7
 
 
 def class_color(index: int) -> tuple[int, int, int]:
@@ -67,51 +27,86 @@ def class_color(index: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def text_color(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black on light backgrounds, white on dark ones (ITU-R BT.601 luma)."""
+    r, g, b = background
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
+
+
+@functools.cache
+def label_font() -> str:
+    """Path of the bold DejaVu Sans that matplotlib ships, a TrueType font every install has."""
+    return font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans", weight="bold"))
+
+
+def one_box_per_object(detections: dict[str, torch.Tensor], score_thresh: float,
+                       iou: float = PICTURE_NMS_IOU) -> dict[str, torch.Tensor]:
+    """The detections worth drawing: score >= ``score_thresh``, then class-agnostic NMS at ``iou``.
+
+    For the picture only: where the detector reports one object under several classes, the best-scoring
+    class is kept. Returns the same keys, rows in ascending score order (so the best is drawn on top).
+    """
+    scores = detections["scores"].detach().cpu()
+    keep = torch.nonzero(scores >= score_thresh).flatten()
+    kept = nms(detections["boxes"].detach().cpu()[keep].float(), scores[keep], iou)
+    order = keep[kept].flip(0)
+    return {k: v.detach().cpu()[order] for k, v in detections.items()}
+
+
 def draw_detections(
     image: torch.Tensor,
     detections: dict[str, torch.Tensor],
     class_names: Sequence[str],
     label_offset: int = 0,
     score_thresh: float = 0.3,
+    long_side: int = PICTURE_LONG_SIDE,
 ) -> Image.Image:
-    """Draw boxes labelled "name score", and masks when present, on an image.
+    """Draw one box per object (:func:`one_box_per_object`) labelled "name score", with masks when present.
+
+    Boxes and label backgrounds take the class's colour; labels sit inside the box's top-left corner in a
+    font scaled to the picture. Images whose long side is under ``long_side`` pixels are upscaled to it
+    first (bilinear, boxes and masks with them); larger ones keep their size.
 
     Args:
         image: (3, H, W) float in [0, 1] or uint8.
         detections: torchvision output for this image: "boxes" (N, 4) XYXY pixels,
             "scores" (N,), "labels" (N,), optional "masks" (N, 1, H, W) probabilities.
-        class_names: name of class `label - label_offset`; labels outside get their number.
+        class_names: name of class ``label - label_offset``; labels outside get their number.
         label_offset: 1 for models whose label 0 is background (Faster/Mask R-CNN).
         score_thresh: detections scoring below this are not drawn.
+        long_side: the picture's minimum long side in pixels; 0 keeps the image's size.
 
     Returns:
-        An RGB PIL image of size (W, H).
+        An RGB PIL image of size (W * s, H * s), s = max(1, long_side / max(H, W)).
     """
-    canvas = image.detach().cpu()
-    if canvas.is_floating_point():
-        canvas = canvas.clamp(0, 1).mul(255).round().to(torch.uint8)
-    keep = detections["scores"].detach().cpu() >= score_thresh
-    if not keep.any():
-        return to_pil_image(canvas)
+    height, width = image.shape[-2:]
+    scale = max(1.0, long_side / max(height, width))
+    size = [round(height * scale), round(width * scale)]
+    canvas = F.to_dtype(image.detach().cpu(), torch.uint8, scale=True)
+    if scale > 1:
+        canvas = F.resize(canvas, size, antialias=True)
+    shown = one_box_per_object(detections, score_thresh)
+    if not len(shown["scores"]):
+        return F.to_pil_image(canvas)
 
-    boxes = detections["boxes"].detach().cpu()[keep]
-    scores = detections["scores"].detach().cpu()[keep].tolist()
-    classes = (detections["labels"].detach().cpu()[keep] - label_offset).tolist()
+    classes = (shown["labels"] - label_offset).tolist()
     colors = [class_color(c) for c in classes]
-    names = [
-        class_names[c] if 0 <= c < len(class_names) else str(c + label_offset) for c in classes
-    ]
-
-    if "masks" in detections:
-        masks = detections["masks"].detach().cpu()[keep]
-        if masks.dim() == 4:
-            masks = masks[:, 0]
-        canvas = draw_segmentation_masks(canvas, masks > 0.5, alpha=0.5, colors=colors)
+    names = [class_names[c] if 0 <= c < len(class_names) else str(c + label_offset) for c in classes]
+    if "masks" in shown:
+        masks = shown["masks"].float()
+        masks = F.resize(masks if masks.dim() == 4 else masks[:, None], size, antialias=False)[:, 0]
+        canvas = draw_segmentation_masks(canvas, masks > 0.5, alpha=0.45, colors=colors)
+    boxes = shown["boxes"].float() * torch.tensor([size[1] / width, size[0] / height] * 2)
+    long = max(size)
     canvas = draw_bounding_boxes(
         canvas,
         boxes,
-        labels=[f"{name} {score:.2f}" for name, score in zip(names, scores)],
+        labels=[f"{name} {score:.2f}" for name, score in zip(names, shown["scores"].tolist())],
         colors=colors,
-        width=2,
+        width=max(2, round(long / 300)),
+        font=label_font(),
+        font_size=max(12, round(long / 45)),
+        label_colors=[text_color(c) for c in colors],
+        fill_labels=True,
     )
-    return to_pil_image(canvas)
+    return F.to_pil_image(canvas)

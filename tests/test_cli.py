@@ -24,6 +24,14 @@ def test_every_subcommand_has_help(capsys):
         assert action.help, action.dest
 
 
+def test_every_subcommand_accepts_no_progress():
+    parser = build_parser()
+    for argv in (["train"], ["eval"], ["predict", "in", "--model", "m.pth"], ["export"], ["summary"], ["config"],
+                 ["data", "synth", "--out", "o"], ["data", "stats"], ["visualize"],
+                 ["data", "convert", "--from", "voc", "--root", "r", "--ann", "a", "--out", "o.json"]):
+        assert parser.parse_args([*argv, "--no-progress"]).no_progress, argv
+
+
 def test_console_script_reports_config_errors_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "lgd.cli", "train", "solver.max_iters=3"],
                           capture_output=True, text=True)

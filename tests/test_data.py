@@ -255,17 +255,17 @@ def test_missing_annotation_file(tmp_path: Path) -> None:
 def test_missing_undecodable_and_wrong_size_images(tmp_path: Path) -> None:
     images = [_img(id=1)] + [_img(id=i, file_name=f) for i, f in ((2, "gone.png"), (3, "junk.png"), (4, "big.png"))]
     path = _write_coco(tmp_path, images=images)
-    (tmp_path / "gone.png").unlink()
     (tmp_path / "junk.png").write_bytes(b"not a png at all")
     Image.new("RGB", (21, 16)).save(tmp_path / "big.png")
     ds = CocoDetection(tmp_path, path)
     assert ds[0][0].shape == (3, 16, 20)
-    with pytest.raises(DatasetError, match=r"gone\.png.*image id 2"):
-        ds[1]
-    with pytest.raises(DatasetError, match=r"junk\.png.*image id 3"):
+    with pytest.raises(DatasetError, match=r"image id 3: image file .*junk\.png cannot be read"):
         ds[2]
-    with pytest.raises(DatasetError, match=r"big\.png.*image id 4.*21x16.*width=20, height=16"):
+    with pytest.raises(DatasetError, match=r"image id 4: image file .*big\.png is 21x16 pixels.*width=20, height=16$"):
         ds[3]
+    (tmp_path / "gone.png").unlink()
+    with pytest.raises(DatasetError, match=r"1 of the 4 images .*image id 2: .*gone\.png does not exist"):
+        CocoDetection(tmp_path, path)
 
 
 def test_degenerate_boxes_skipped_with_one_counted_warning(tmp_path: Path) -> None:

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
-from lgd.errors import DatasetError, LGDError
+from lgd.errors import LGDError
 from lgd.plots import plot_ap_curves, plot_metrics, read_metrics, smooth
-from lgd.visualize import class_color, draw_detections, list_images, load_image
+from lgd.visualize import class_color, draw_detections, one_box_per_object, text_color
 
 
 def _detections(with_masks: bool = False) -> dict[str, torch.Tensor]:
@@ -30,10 +31,10 @@ def _detections(with_masks: bool = False) -> dict[str, torch.Tensor]:
 
 def test_draw_detections_marks_boxes_above_threshold() -> None:
     image = torch.full((3, 64, 96), 0.5)
-    drawn = draw_detections(image, _detections(), ["background", "cat", "dog"], score_thresh=0.3)
+    drawn = draw_detections(image, _detections(), ["background", "cat", "dog"], score_thresh=0.3, long_side=0)
     assert isinstance(drawn, Image.Image) and drawn.size == (96, 64) and drawn.mode == "RGB"
     pixels = np.asarray(drawn)
-    grey = np.full(3, 128, dtype=np.uint8)
+    grey = np.full(3, 127, dtype=np.uint8)  # torchvision's float -> uint8: floor(0.5 * 256)
     assert (pixels[4, 4:21] != grey).any()  # top edge of the kept box
     assert (pixels[38:59, 58:83] == grey).all()  # the 0.1-score box is not drawn
 
@@ -42,53 +43,56 @@ def test_draw_detections_overlays_masks_and_accepts_uint8() -> None:
     image = torch.full((3, 64, 96), 100, dtype=torch.uint8)
     plain = np.asarray(draw_detections(image, _detections(), ["cat", "dog"], label_offset=1))
     masked = np.asarray(draw_detections(image, _detections(with_masks=True), ["cat", "dog"], label_offset=1))
-    assert (masked[10, 10] != plain[10, 10]).any()  # inside the mask, away from the box edges
-    assert (masked[50, 40] == 100).all()  # nowhere near any detection
+    assert masked.shape == (533, 800, 3)  # 96 x 64 drawn at 800 x 533, the mask scaled with it
+    assert (masked[100, 125] != plain[100, 125]).any()  # inside the mask (rows 6-14, columns 6-18), below the label
+    assert (masked[416, 333] == 100).all()  # nowhere near any detection
 
 
 def test_draw_detections_without_detections_returns_the_image() -> None:
     image = torch.rand(3, 10, 12)
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
-    drawn = np.asarray(draw_detections(image, empty, ["cat"]))
+    drawn = np.asarray(draw_detections(image, empty, ["cat"], long_side=0))
     assert drawn.shape == (10, 12, 3)
-    assert np.array_equal(drawn, image.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    assert np.array_equal(drawn, F.to_dtype(image, torch.uint8, scale=True).permute(1, 2, 0).numpy())
 
 
-def test_class_colors_differ() -> None:
+def _stacked() -> dict[str, torch.Tensor]:
+    """One object reported under classes 0, 1 and 2 from one anchor, and a second object of class 1."""
+    return {
+        "boxes": torch.tensor([[8.0, 8.0, 40.0, 30.0]] * 3 + [[44.0, 20.0, 60.0, 44.0]]),
+        "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]),
+        "labels": torch.tensor([0, 2, 1, 1]),
+    }
+
+
+def _has_color(pixels: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    return (pixels == np.array(color, dtype=np.uint8)).all(axis=-1)
+
+
+def test_one_box_per_object_keeps_the_best_class_of_a_stack() -> None:
+    shown = one_box_per_object(_stacked(), score_thresh=0.5)
+    assert shown["labels"].tolist() == [1, 0]  # ascending score: the best is drawn last, on top
+    assert shown["scores"].tolist() == pytest.approx([0.6, 0.9])
+    assert one_box_per_object(_stacked(), score_thresh=0.95)["boxes"].shape == (0, 4)
+
+
+def test_small_images_are_drawn_upscaled_one_coloured_box_per_object_with_legible_labels() -> None:
+    image = torch.full((3, 48, 64), 0.5)
+    pixels = np.asarray(draw_detections(image, _stacked(), ["cat", "dog", "bird"], score_thresh=0.5))
+    assert pixels.shape == (600, 800, 3)  # 64 x 48 drawn at 800 x 600: boxes scale by 12.5
+    cat, dog, bird = (class_color(c) for c in range(3))
+    assert not _has_color(pixels, bird).any()  # the stacked lower-scoring classes are not drawn
+    assert _has_color(pixels[100:375, 100:500], cat).any() and _has_color(pixels[250:550, 550:750], dog).any()
+    inside = pixels[104:200, 104:496]  # the cat box without its 3 px border
+    rows = np.flatnonzero(_has_color(inside, cat).any(axis=1))  # the label's filled background, top-left
+    assert rows.min() < 5 and len(rows) == rows.max() - rows.min() + 1 >= 15  # one band, 16 px high at 800 px
+    text = (inside[rows.min():rows.max() + 1] == np.array(text_color(cat), dtype=np.uint8)).all(axis=-1)
+    assert text.sum() > 100  # its text, in the contrasting colour
+
+
+def test_class_colors_differ_and_text_contrasts() -> None:
     assert len({class_color(i) for i in range(20)}) == 20
-
-
-def test_load_image_reads_rgb_floats(tmp_path) -> None:
-    path = tmp_path / "grey.png"
-    Image.new("L", (5, 3), color=255).save(path)
-    image = load_image(path)
-    assert image.shape == (3, 3, 5) and image.dtype == torch.float32
-    assert torch.allclose(image, torch.ones_like(image))
-
-
-def test_load_image_errors_name_the_file(tmp_path) -> None:
-    missing = tmp_path / "missing.jpg"
-    with pytest.raises(DatasetError, match="missing.jpg"):
-        load_image(missing)
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not an image")
-    with pytest.raises(DatasetError, match="broken.png"):
-        load_image(broken)
-
-
-def test_list_images(tmp_path) -> None:
-    for name in ["b.PNG", "a.jpg", "c.webp", "notes.txt"]:
-        (tmp_path / name).write_bytes(b"")
-    (tmp_path / "sub.jpg").mkdir()
-    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.PNG", "c.webp"]
-    assert list_images(tmp_path / "a.jpg") == [tmp_path / "a.jpg"]
-    with pytest.raises(DatasetError, match="notes.txt"):
-        list_images(tmp_path / "notes.txt")
-    with pytest.raises(DatasetError, match="nowhere"):
-        list_images(tmp_path / "nowhere")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="empty"):
-        list_images(tmp_path / "empty")
+    assert text_color((250, 250, 120)) == (0, 0, 0) and text_color((20, 20, 120)) == (255, 255, 255)
 
 
 def test_smooth_is_a_trailing_mean() -> None:

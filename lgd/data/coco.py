@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
+import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
-from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 
+from lgd.data.image_io import describe, read_image, stored_size_note
+from lgd.data.text_io import read_json
 from lgd.errors import DatasetError
 
 Index = Union[int, tuple[int, int]]
@@ -34,7 +34,16 @@ class CocoDetection(torch.utils.data.Dataset):
     "labels" (N,) int64 in ``label_offset .. label_offset + K - 1``, "image_id" (int) and,
     with ``with_masks``, "masks" (N, H, W) uint8 ``tv_tensors.Mask``. Crowd annotations and
     boxes with no area inside the image are left out of targets; ``self.coco`` still holds
-    the whole file for evaluation.
+    the whole file for evaluation. Images are read by :func:`lgd.data.image_io.read_image`
+    (EXIF orientation applied, high bit depths scaled by their range).
+
+    Every image the split uses must exist when the dataset is built, so a wrong ``root`` fails
+    before training starts (naming a parent or subfolder of ``root`` that holds the files, if
+    one does). With ``with_masks``, an annotation whose segmentation gives no mask (``[]``, or
+    no polygon of 3 or more points) becomes an ignore region (``iscrowd=1``, its box as
+    polygon) with one counted warning: Mask R-CNN trains a mask for every box it learns, so
+    the object leaves box and mask training alike, and evaluation neither rewards nor
+    penalises detections on it (pycocotools cannot score an empty segmentation).
 
     Index with ``(i, sample_seed)`` to make random transforms a pure function of the seed.
     """
@@ -56,6 +65,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
         self._dataset = _load_json(self.ann_file)
         images, categories = _validate(self._dataset, self.ann_file)
+        if with_masks:
+            self._ignore_unusable_segmentations(images)
         self.cat_ids: list[int] = sorted(categories)
         self.class_names: list[str] = [categories[c] for c in self.cat_ids]
         self._cat_to_index = {c: i for i, c in enumerate(self.cat_ids)}
@@ -66,6 +77,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ids: list[int] = [
             image_id for image_id, count in zip(images, counts.tolist()) if count > 0 or not filter_empty
         ]
+        self._check_image_files()
         self._coco: COCO | None = None
 
     @property
@@ -131,7 +143,7 @@ class CocoDetection(torch.utils.data.Dataset):
         height, width = info["height"], info["width"]
         pos = self._image_pos[image_id]
         rows = slice(self._starts[pos], self._starts[pos + 1])
-        image = tv_tensors.Image(F.pil_to_tensor(self._read_image(info)))
+        image = tv_tensors.Image(self._read_image(info))
         target: dict[str, Any] = {
             "boxes": tv_tensors.BoundingBoxes(
                 torch.from_numpy(self._boxes[rows].copy()), format="XYXY", canvas_size=(height, width)
@@ -143,26 +155,65 @@ class CocoDetection(torch.utils.data.Dataset):
             target["masks"] = tv_tensors.Mask(_decode_masks(self._segments[rows], height, width))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
-        if not image.is_floating_point():
-            image = F.to_dtype(image, torch.float32, scale=True)
         return image, target
 
-    def _read_image(self, info: dict[str, Any]) -> Image.Image:
+    def _read_image(self, info: dict[str, Any]) -> torch.Tensor:
+        """(3, H, W) float32 pixels of an image record, checked against its width and height."""
         path = self.root / info["file_name"]
-        try:
-            with Image.open(path) as img:
-                img.load()
-                rgb = img.convert("RGB")
-        except FileNotFoundError:
-            raise DatasetError(f"image file {path} (image id {info['id']}) does not exist") from None
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DatasetError(f"image file {path} (image id {info['id']}) cannot be decoded: {exc}") from None
-        if rgb.size != (info["width"], info["height"]):
+        where = f"{self.ann_file}, image id {info['id']}"
+        image = read_image(path, where)
+        height, width = image.shape[-2:]
+        if (width, height) != (info["width"], info["height"]):
             raise DatasetError(
-                f"image file {path} (image id {info['id']}) is {rgb.size[0]}x{rgb.size[1]} pixels but "
-                f"{self.ann_file} says width={info['width']}, height={info['height']}"
+                f"{describe(path, where)} is {width}x{height} pixels but its record says width={info['width']}, "
+                f"height={info['height']}{stored_size_note(path, info['width'], info['height'])}"
             )
-        return rgb
+        return image
+
+    def _check_image_files(self) -> None:
+        """Stat every image file the split uses, so that a wrong root fails now rather than mid-training."""
+        infos = [self._images[image_id] for image_id in self.ids]
+        missing = [info for info in infos if not (self.root / info["file_name"]).is_file()]
+        if not missing:
+            return
+        first = missing[0]
+        message = (
+            f"{len(missing)} of the {len(infos)} images of {self.ann_file} are not in the image root {self.root} "
+            f"(e.g. image id {first['id']}: field 'file_name' = '{first['file_name']}', but "
+            f"{self.root / first['file_name']} does not exist)"
+        )
+        better = _working_root(self.root, [info["file_name"] for info in infos])
+        if better is not None:
+            message += f"; all of them are under {better}: use that as the image root (data.<split>.root)"
+        elif not self.root.is_dir():
+            message += f"; the image root {self.root} is not a folder"
+        raise DatasetError(message)
+
+    def _ignore_unusable_segmentations(self, images: dict[int, dict[str, Any]]) -> None:
+        """Turn annotations whose segmentation gives no mask into ignore regions; drop short polygons.
+
+        Checked structurally (no rasterising, which would cost seconds on a large file): a segmentation
+        with no polygon of 3+ points left is unusable. The eval copy gets the same cleaned segmentations,
+        since pycocotools fails on an empty one and reads a 4-number polygon as a box.
+        """
+        emptied, shortened = [], []
+        for ann in self._dataset["annotations"]:
+            segm, dropped = _usable_segmentation(ann, images[ann["image_id"]], self.ann_file)
+            if dropped:
+                shortened.append(ann["id"])
+            if segm is None:
+                if not ann["iscrowd"]:
+                    emptied.append(ann["id"])
+                x, y, w, h = ann["bbox"]
+                ann.update(iscrowd=1, segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]])
+            else:
+                ann["segmentation"] = segm
+        self._warn_once(np.array(shortened), "ignored polygons with fewer than 3 points in {n} annotations")
+        self._warn_once(
+            np.array(emptied),
+            "made {n} annotations whose segmentation gives no mask (empty, or no polygon of 3+ points) ignore "
+            "regions (iscrowd=1): Mask R-CNN does not train on them and evaluation does not count them",
+        )
 
     def _collect_targets(self) -> None:
         """Build the training targets of every image, as flat arrays sliced per image.
@@ -193,14 +244,7 @@ class CocoDetection(torch.utils.data.Dataset):
             [self._cat_to_index[anns[i]["category_id"]] for i in order], dtype=np.int64
         ).reshape(-1)
         self._starts = np.concatenate([[0], np.cumsum(np.bincount(positions[order], minlength=len(sizes)))])
-        self._segments: list[Any] = []
-        if self.with_masks:
-            dropped: list[int] = []
-            self._segments = [
-                _usable_segmentation(anns[i], self._images[anns[i]["image_id"]], self.ann_file, dropped)
-                for i in order
-            ]
-            self._warn_once(np.array(dropped), "ignored polygons with fewer than 3 points in {n} annotations")
+        self._segments = [anns[i]["segmentation"] for i in order] if self.with_masks else []
 
     def _warn_once(self, ann_ids: np.ndarray, text: str) -> None:
         if len(ann_ids):
@@ -210,20 +254,23 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DatasetError(f"annotation file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise DatasetError(
-            f"annotation file {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
-        ) from None
-    except (UnicodeDecodeError, OSError) as exc:
-        raise DatasetError(f"annotation file {path} cannot be read: {exc}") from None
+    data = read_json(path, "annotation file")
     if not isinstance(data, dict):
         raise DatasetError(f"annotation file {path}: top level must be an object, found {type(data).__name__}")
     return data
+
+
+def _working_root(root: Path, file_names: list[str]) -> Optional[Path]:
+    """A parent (up to two levels up) or a subfolder of ``root`` under which every file in ``file_names`` exists.
+
+    Catches the usual slips: a ``file_name`` that already carries ``train/`` with that folder as root, or a
+    root one level above the image folder. Each candidate costs one stat until its first missing file.
+    """
+    subfolders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for candidate in [root.parent, root.parent.parent, *subfolders]:
+        if candidate != root and all((candidate / name).is_file() for name in file_names):
+            return candidate
+    return None
 
 
 def _is_number(value: Any) -> bool:
@@ -255,6 +302,7 @@ def _validate(data: dict[str, Any], path: Path) -> tuple[dict[int, dict[str, Any
         categories[cat["id"]] = str(cat.get("name", cat["id"]))
 
     images: dict[int, dict[str, Any]] = {}
+    image_of_file: dict[str, int] = {}
     for img in data["images"]:
         if not isinstance(img, dict) or not isinstance(img.get("id"), int) or isinstance(img.get("id"), bool):
             raise DatasetError(f"annotation file {path}: image record {img!r} has no integer 'id'")
@@ -269,6 +317,13 @@ def _validate(data: dict[str, Any], path: Path) -> tuple[dict[int, dict[str, Any
                     f"annotation file {path}: image id {image_id} lacks field '{dim}' "
                     f"(a positive integer; found {img.get(dim)!r})"
                 )
+        other = image_of_file.setdefault(os.path.normpath(img["file_name"]), image_id)
+        if other != image_id:
+            raise DatasetError(
+                f"annotation file {path}: image ids {other} and {image_id} have the same field 'file_name' = "
+                f"'{img['file_name']}', so both records' boxes would land on one image: give each record its own "
+                f"image file, or merge them into one record"
+            )
         images[image_id] = img
 
     ann_ids: set[int] = set()
@@ -305,26 +360,28 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _usable_segmentation(
-    ann: dict[str, Any], info: dict[str, Any], path: Path, dropped_polygons: list[int]
-) -> Any:
-    """The annotation's segmentation in a form ``_decode_masks`` takes; short polygons are dropped.
+def _usable_segmentation(ann: dict[str, Any], info: dict[str, Any], path: Path) -> tuple[Any, bool]:
+    """(the segmentation as ``_decode_masks`` takes it, or None where it gives no mask; whether polygons were dropped).
 
-    pycocotools reads a 4-number polygon as a box, so polygons need at least 3 points.
+    Polygons need at least 3 points (pycocotools reads 4 numbers as a box); shorter ones are dropped. A crowd
+    region without a segmentation has none to give.
+
+    Raises:
+        DatasetError: the field is neither polygons nor RLE, or the RLE's size is not its image's.
     """
     segm = ann.get("segmentation")
+    if segm is None and ann["iscrowd"]:
+        return None, False
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
         if list(segm["size"]) != [info["height"], info["width"]]:
             raise DatasetError(
                 f"annotation file {path}: annotation id {ann['id']} has an RLE 'segmentation' of size "
                 f"{segm['size']}, but image id {ann['image_id']} is height={info['height']}, width={info['width']}"
             )
-        return segm
+        return segm, False
     if isinstance(segm, list) and all(isinstance(p, list) and all(_is_number(v) for v in p) for p in segm):
         polygons = [p for p in segm if len(p) >= 6 and len(p) % 2 == 0]
-        if len(polygons) < len(segm):
-            dropped_polygons.append(ann["id"])
-        return polygons
+        return (polygons, len(polygons) < len(segm)) if polygons else (None, False)
     raise DatasetError(
         f"annotation file {path}: annotation id {ann['id']} (image id {ann['image_id']}) has field "
         f"'segmentation' = {_short(segm)}; expected polygons or RLE (needed for masks)"
@@ -337,9 +394,7 @@ def _decode_masks(segments: list[Any], height: int, width: int) -> torch.Tensor:
         return torch.zeros((0, height, width), dtype=torch.uint8)
     rles = []
     for segm in segments:
-        if not segm:
-            rles.append(_empty_rle(height, width))
-        elif isinstance(segm, list):
+        if isinstance(segm, list):
             rles.append(mask_utils.merge(mask_utils.frPyObjects(segm, height, width)))
         elif isinstance(segm["counts"], list):
             rles.append(mask_utils.frPyObjects(segm, height, width))
@@ -348,6 +403,3 @@ def _decode_masks(segments: list[Any], height: int, width: int) -> torch.Tensor:
     masks = mask_utils.decode(rles)  # (H, W, N), Fortran order
     return torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1)))
 
-
-def _empty_rle(height: int, width: int) -> dict[str, Any]:
-    return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]

@@ -16,7 +16,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lgd.data.formats import annotation, image_size
+from lgd.data.formats import annotation
+from lgd.data.image_io import read_image_size
+from lgd.data.text_io import read_text
 from lgd.errors import DatasetError
 
 BOX_KEYS = {"full": "fbox", "visible": "vbox", "head": "hbox"}
@@ -47,18 +49,17 @@ def to_coco(images_dir: Path, odgt: Path, box: str = "full") -> dict[str, Any]:
 
     Raises:
         DatasetError: naming file and line, for a line that is not a JSON object, a record without
-            "ID" or "gtboxes", a malformed box, or a missing image.
+            "ID" or "gtboxes", an ID already seen, a malformed box, or a missing or unreadable image.
     """
     if box not in BOX_KEYS:
         raise DatasetError(f"CrowdHuman box type must be one of {', '.join(BOX_KEYS)}; got '{box}'")
     images_dir, odgt = Path(images_dir), Path(odgt)
-    if not odgt.is_file():
-        raise DatasetError(f"CrowdHuman annotation file {odgt} does not exist")
     key = BOX_KEYS[box]
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
+    line_of: dict[str, int] = {}
     dropped = 0
-    for n, line in enumerate(odgt.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(odgt, "CrowdHuman annotation file").splitlines(), 1):
         if not line.strip():
             continue
         where = f"{odgt}, line {n}"
@@ -69,8 +70,12 @@ def to_coco(images_dir: Path, odgt: Path, box: str = "full") -> dict[str, Any]:
         if not isinstance(record, dict) or not isinstance(record.get("ID"), str) \
                 or not isinstance(record.get("gtboxes"), list):
             raise DatasetError(f"{where}: expected a JSON object with a string 'ID' and a list 'gtboxes'")
+        first = line_of.setdefault(record["ID"], n)
+        if first != n:
+            raise DatasetError(f"{where}: image ID '{record['ID']}' already has a record on line {first}; "
+                               f"merge the two records' gtboxes into one")
         file_name = f"{record['ID']}.jpg"
-        width, height = image_size(images_dir / file_name, where)
+        width, height = read_image_size(images_dir / file_name, where)
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         for i, gt in enumerate(record["gtboxes"]):

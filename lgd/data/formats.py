@@ -14,25 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image, UnidentifiedImageError
 
 from lgd.atomic import atomic_write_text
+from lgd.data.text_io import read_text
 from lgd.errors import DatasetError
 
 FORMATS = ("coco", "voc", "yolo", "crowdhuman")
 # Bumped whenever a converter's output changes, so older cached conversions are not reused.
 CONVERTER_VERSION = 1
-
-
-def image_size(path: Path, context: str) -> tuple[int, int]:
-    """(width, height) of an image file from its header; ``context`` names what refers to it."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError:
-        raise DatasetError(f"{context}: image file {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DatasetError(f"{context}: image file {path} cannot be decoded: {exc}") from None
 
 
 def read_class_names(path: Path) -> list[str]:
@@ -41,9 +30,7 @@ def read_class_names(path: Path) -> list[str]:
     In a YAML file, ``names`` is a list or a mapping ``{class id: name}`` with ids 0..K-1.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"class names file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "class names file")
     if path.suffix.lower() not in (".yaml", ".yml"):
         names = [line.strip() for line in text.splitlines() if line.strip()]
     else:

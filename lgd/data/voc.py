@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Sequence
 from xml.parsers import expat
 
-from lgd.data.formats import annotation, coco_categories, image_size
+from lgd.data.formats import annotation, coco_categories
+from lgd.data.image_io import read_image_size
+from lgd.data.text_io import read_text
 from lgd.errors import DatasetError
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -31,9 +33,8 @@ def split_file(root: Path, split: str) -> Path:
 
 def read_split(path: Path) -> list[tuple[int, str]]:
     """(line number, image id) of each non-blank line; only the first column counts (class files add ±1)."""
-    if not path.is_file():
-        raise DatasetError(f"VOC split file {path} does not exist")
-    return [(n, line.split()[0]) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    text = read_text(path, "VOC split file")
+    return [(n, line.split()[0]) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def parse_xml(path: Path) -> ET.Element:
@@ -89,29 +90,55 @@ def parse_objects(root: ET.Element, path: Path) -> list[dict[str, Any]]:
     return objects
 
 
+def image_file(root: Path, voc_id: str, tree: ET.Element) -> str:
+    """The image of annotation ``voc_id``, relative to ``<root>/JPEGImages``: ``<id>.jpg``, the devkit's rule.
+
+    The XML's ``<filename>`` is used only when ``<id>.jpg`` does not exist: scripts that copy or augment
+    annotations often leave it stale, which would put one record's boxes on another record's image.
+    """
+    default = f"{voc_id}.jpg"
+    element = tree.find("filename")
+    given = (element.text or "").strip() if element is not None else ""
+    images = Path(root) / "JPEGImages"
+    if given and not (images / default).is_file() and (images / given).is_file():
+        return given
+    return default
+
+
 def to_coco(root: Path, split: str, class_names: Sequence[str] = VOC_CLASSES) -> dict[str, Any]:
     """The images listed in a VOC split file and their objects, as a COCO instances dict.
 
-    ``file_name``s are relative to ``<root>/JPEGImages``; category ids are 1..K in ``class_names`` order.
-    Image sizes are read from the image files (not ``<size>``, which hand-labelled sets often get wrong).
+    ``file_name``s are relative to ``<root>/JPEGImages`` (see :func:`image_file`); category ids are 1..K in
+    ``class_names`` order. Image sizes are read from the image files as displayed (EXIF orientation applied),
+    not from ``<size>``, which hand-labelled sets often get wrong.
 
     Raises:
-        DatasetError: the split file, an XML or an image is missing; malformed XML; an object of a
-            class not in ``class_names``; a box field missing or not a number. Messages name file and line.
+        DatasetError: the split file, an XML or an image is missing or unreadable; malformed XML; an object of
+            a class not in ``class_names``; a box field missing or not a number; an id listed twice, or two
+            annotations resolving to one image. Messages name file and line.
     """
     root = Path(root)
     split_path = split_file(root, split)
     category = {name: i + 1 for i, name in enumerate(class_names)}
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
+    owner: dict[str, tuple[int, Path]] = {}  # file_name -> (split line, XML) of the record that took it
     for line, voc_id in read_split(split_path):
         xml_path = root / "Annotations" / f"{voc_id}.xml"
         if not xml_path.is_file():
             raise DatasetError(f"{split_path}, line {line}: image id '{voc_id}' has no annotation file {xml_path}")
         tree = parse_xml(xml_path)
-        filename = tree.find("filename")
-        file_name = filename.text.strip() if filename is not None and (filename.text or "").strip() else f"{voc_id}.jpg"
-        width, height = image_size(root / "JPEGImages" / file_name, str(xml_path))
+        file_name = image_file(root, voc_id, tree)
+        first_line, first_xml = owner.setdefault(file_name, (line, xml_path))
+        if first_xml == xml_path and first_line != line:
+            raise DatasetError(f"{split_path}, lines {first_line} and {line}: image id '{voc_id}' is listed twice")
+        if first_xml != xml_path:
+            raise DatasetError(
+                f"{first_xml} and {xml_path} (lines {first_line} and {line} of {split_path}) both resolve to image "
+                f"{root / 'JPEGImages' / file_name} ({voc_id}.jpg does not exist, and its <filename> names that "
+                f"image): give each annotation its own image, or remove one from the split"
+            )
+        width, height = read_image_size(root / "JPEGImages" / file_name, str(xml_path))
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height, "voc_id": voc_id})
         for obj in parse_objects(tree, xml_path):

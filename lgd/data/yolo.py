@@ -12,10 +12,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from lgd.data.formats import annotation, coco_categories, image_size
+from lgd.data.formats import annotation, coco_categories
+from lgd.data.image_io import IMAGE_EXTENSIONS, find_images, read_image_size
+from lgd.data.text_io import read_text
 from lgd.errors import DatasetError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, float, float, float]]:
@@ -26,7 +26,7 @@ def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, flo
             number, a class id outside 0..num_classes-1, or a coordinate outside [0, 1].
     """
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "YOLO label file").splitlines(), 1):
         fields = line.split()
         if not fields:
             continue
@@ -50,14 +50,18 @@ def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, flo
 def to_coco(images_dir: Path, labels_dir: Path, class_names: Sequence[str]) -> dict[str, Any]:
     """Every image under ``images_dir`` (sorted, subfolders included) with its labels, as a COCO dict.
 
-    ``file_name``s are relative to ``images_dir``. Boxes: ``[(cx - w/2) W, (cy - h/2) H, w W, h H]``
-    in pixels of the image's own size.
+    ``file_name``s are relative to ``images_dir``; hidden files are skipped with one counted warning.
+    Boxes: ``[(cx - w/2) W, (cy - h/2) H, w W, h H]`` in pixels of the image as displayed (EXIF orientation
+    applied: labelling tools normalise by the size they show).
     """
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
     for folder, what in ((images_dir, "image"), (labels_dir, "label")):
         if not folder.is_dir():
             raise DatasetError(f"YOLO {what} folder {folder} does not exist")
-    image_files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    image_files, hidden = find_images(images_dir, recursive=True)
+    if hidden:
+        warnings.warn(f"skipped {len(hidden)} hidden files in {images_dir} (e.g. {hidden[0]}): names starting with "
+                      f"'.' (such as macOS's ._ companions) are not images", stacklevel=2)
     if not image_files:
         raise DatasetError(f"YOLO image folder {images_dir} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
     label_of: dict[Path, Path] = {}
@@ -74,7 +78,7 @@ def to_coco(images_dir: Path, labels_dir: Path, class_names: Sequence[str]) -> d
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for label, image in label_of.items():
-        width, height = image_size(image, f"YOLO images folder {images_dir}")
+        width, height = read_image_size(image, f"YOLO images folder {images_dir}")
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": image.relative_to(images_dir).as_posix(),
                        "width": width, "height": height})
