@@ -144,8 +144,8 @@ def teacher_share(model: LGD, batch, repeats: int) -> float:
     """Median time of the teacher's own forward and backward on this batch (student features precomputed)."""
     images, targets = batch
     with torch.no_grad():
-        image_list, t = model.detector.preprocess(images, [dict(x) for x in targets])
-        features = model.detector.features(image_list)
+        image_list, t = model.view.preprocess(images, [dict(x) for x in targets])
+        features = model.view.features(image_list)
     features = {k: v.requires_grad_() for k, v in features.items()}
 
     def run() -> None:

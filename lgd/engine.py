@@ -33,7 +33,7 @@ from lgd.data import CocoDetection, build_eval_loader, build_train_loader, build
 from lgd.data.loader import stop_workers
 from lgd.data.formats import cached_conversion
 from lgd.data.synthetic import default_cache_dir
-from lgd.detectors import ARCH_ADAPTERS, build_detector, set_test_size
+from lgd.detectors import VIEWS, build_detector, set_test_size
 from lgd.distiller import LGD
 from lgd.distributed import Context
 from lgd.errors import ConfigError, LGDError, TrainingError
@@ -87,7 +87,7 @@ def build_dataset(cfg: Config, split: str, train: bool) -> CocoDetection:
         root,
         ann,
         transforms=build_transforms(train, cfg.data.hflip_prob),
-        label_offset=ARCH_ADAPTERS[cfg.model.arch].label_offset,
+        label_offset=VIEWS[cfg.model.arch].label_offset,
         with_masks=cfg.model.arch == "maskrcnn",
         filter_empty=train and cfg.data.filter_empty,
     )
