@@ -31,7 +31,7 @@ import torch
 from lgd.config import LGDConfig, ModelConfig, load_config
 from lgd.detectors import build_detector, set_test_size
 from lgd.distiller import LGD
-from lgd.engine import make_optimizer
+from lgd.solver import make_optimizer
 
 RESULTS = Path(__file__).parent / "results"
 

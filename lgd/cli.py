@@ -153,14 +153,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lgd.engine import load_trained, student_of
+    from lgd.engine import load_trained
     from lgd.export import export_student
 
     cfg = _load(args)
     model, dataset = load_trained(cfg, "train", args.weights)
-    out = export_student(student_of(model), cfg.model, dataset.class_names, dataset.cat_ids, dataset.label_offset,
+    out = export_student(model.student, cfg.model, dataset.class_names, dataset.cat_ids, dataset.label_offset,
                          Path(args.out or Path(cfg.output_dir) / "student.pth"))
-    print(f"exported the student ({type(student_of(model)).__name__}, no LGD modules) to {out}")
+    print(f"exported the student ({type(model.student).__name__}, no LGD modules) to {out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

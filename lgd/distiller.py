@@ -18,7 +18,9 @@ from torch.profiler import record_function
 
 from lgd.config import LGDConfig
 from lgd.detectors import DetectorView, Targets, view_of
+from lgd.solver import OptimizerGroup
 from lgd.teacher import ImplicitTeacher, TeacherOutput
+from lgd.trainable import Trainable
 
 
 class FeatureAdapter(nn.Module):
@@ -71,7 +73,7 @@ def _padded_masks(targets: Targets, size: tuple[int, int]) -> list[Tensor]:
     return out
 
 
-class LGD(nn.Module):
+class LGD(Trainable):
     """Label-guided self-distillation wrapped around a torchvision RetinaNet, FCOS, Faster or Mask R-CNN.
 
     Args:
@@ -116,6 +118,8 @@ class LGD(nn.Module):
         self.post_distill_iters = cfg.post_distill_iters
         self.freeze_backbone_iters = cfg.freeze_backbone_iters
         self.max_iter = max_iter
+        self.teacher_lr, self.teacher_momentum = cfg.teacher_lr, cfg.teacher_momentum
+        self.teacher_weight_decay = cfg.teacher_weight_decay
         self._body_trainable = [p for p in self.view.backbone_body.parameters() if p.requires_grad]
         self.iteration = 0
 
@@ -136,8 +140,19 @@ class LGD(nn.Module):
         post = self.post_distill_iters and self.iteration > self.max_iter - self.post_distill_iters
         return self.iteration < self.pre_distill_iters or bool(post)
 
+    def optimizer_groups(self) -> list[OptimizerGroup]:
+        """Two optimizers, as in the paper: the student's (detector and adapter, the solver's settings) and the
+        teacher's (``lgd.teacher_lr``, ``teacher_momentum``, ``teacher_weight_decay``)."""
+        return [OptimizerGroup([self.student, self.adapter]),
+                OptimizerGroup([self.teacher], self.teacher_lr, self.teacher_momentum, self.teacher_weight_decay)]
+
+    def may_leave_parameters_unused(self, start: int, images_may_lack_objects: bool) -> bool:
+        """LGD's frozen-backbone window still ahead, or a teacher without context box on a rank whose images may
+        all lack objects. Everything else in the student, adapter and teacher takes part in every step's loss."""
+        return start < self.freeze_backbone_iters or (not self.context_box and images_may_lack_objects)
+
     def student_parameters(self) -> list[nn.Parameter]:
-        """What the student optimiser updates: the detector and the adapter."""
+        """What the student optimizer updates: the detector and the adapter."""
         return list(self.student.parameters()) + list(self.adapter.parameters())
 
     def teacher_parameters(self) -> list[nn.Parameter]:

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ from lgd.distiller import LGD
 from lgd.distributed import Context
 from lgd.errors import ConfigError, LGDError, TrainingError
 from lgd.evaluation import EvalResult, auto_metric, detections_to_coco, evaluate_detections, save_results
+from lgd.solver import Optimization, build_optimization
+from lgd.trainable import Baseline, Trainable
 
 CHECKPOINT = "last.pth"  # always the newest checkpoint (a hard link to the newest numbered one where possible)
 FINAL = "model_final.pth"
@@ -93,16 +95,12 @@ def build_dataset(cfg: Config, split: str, train: bool) -> CocoDetection:
     )
 
 
-def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """The student, wrapped in LGD unless ``lgd.enabled`` is false."""
+def build_model(cfg: Config, num_classes: int) -> Trainable:
+    """The student, wrapped in LGD, or in Baseline when ``lgd.enabled`` is false."""
     detector = build_detector(cfg.model, num_classes)
     if not cfg.lgd.enabled:
-        return detector
+        return Baseline(detector)
     return LGD(detector, num_classes=num_classes, config=cfg.lgd, max_iter=cfg.solver.max_iter)
-
-
-def student_of(model: nn.Module) -> nn.Module:
-    return model.student if isinstance(model, LGD) else model
 
 
 def to_device(images: list[Tensor], targets: list[dict], device: torch.device) -> tuple[list[Tensor], list[dict]]:
@@ -113,134 +111,6 @@ def to_device(images: list[Tensor], targets: list[dict], device: torch.device) -
         for t in targets
     ]
     return images, targets
-
-
-# ----------------------------------------------------------------------------- optimisation
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def make_optimizer(modules: Iterable[nn.Module], lr: float, momentum: float, weight_decay: float,
-                   weight_decay_norm: Optional[float] = None,
-                   weight_decay_bias: Optional[float] = None) -> torch.optim.SGD:
-    """SGD over every trainable parameter, each once.
-
-    Weight decay is ``weight_decay`` on every parameter, as in the reference's optimiser builder
-    (megvii-research/LGD ``utils/build.py``: one group per parameter, all at 1e-4). ``weight_decay_norm`` sets it
-    for normalisation-layer parameters and ``weight_decay_bias`` for biases (detectron2's SOLVER.WEIGHT_DECAY_NORM
-    / _BIAS); None means ``weight_decay``. A norm layer's bias follows ``weight_decay_norm``.
-    """
-    groups: dict[float, list[nn.Parameter]] = {}
-    seen: set[int] = set()
-    for module in modules:
-        for m in module.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if not p.requires_grad or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                decay = weight_decay
-                if isinstance(m, _NORMS):
-                    decay = weight_decay if weight_decay_norm is None else weight_decay_norm
-                elif name == "bias" and weight_decay_bias is not None:
-                    decay = weight_decay_bias
-                groups.setdefault(decay, []).append(p)
-    return torch.optim.SGD([{"params": ps, "weight_decay": wd} for wd, ps in groups.items()], lr=lr, momentum=momentum)
-
-
-def lr_factor(it: int, s: SolverConfig) -> float:
-    """Linear warm-up from warmup_factor, then multistep or cosine decay; a pure function of the iteration."""
-    if s.schedule == "cosine":
-        factor = 0.5 * (1 + math.cos(math.pi * it / s.max_iter))
-    else:
-        factor = s.gamma ** sum(it >= step for step in s.steps)
-    if it < s.warmup_iters:
-        alpha = it / s.warmup_iters
-        factor *= s.warmup_factor * (1 - alpha) + alpha
-    return factor
-
-
-@dataclass
-class Optimisation:
-    """The optimisers (student+adapter; teacher when LGD is on) and their schedules."""
-
-    optimizers: list[torch.optim.Optimizer]
-    schedulers: list[torch.optim.lr_scheduler.LambdaLR]
-    clip_type: str  # "value" | "norm" | "none", applied to each optimiser's gradients separately
-    clip_value: float
-
-    def zero_grad(self) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-
-    def step(self, scaler: Optional[torch.amp.GradScaler] = None) -> list[nn.Parameter]:
-        """Clip and step each optimiser on the gradients in place, then advance the schedules.
-
-        Returns the parameters whose gradient is NaN or infinite, and then changes nothing: the check runs
-        before any optimiser steps or clipping spreads the bad value. Under fp16 the ``scaler`` instead
-        unscales each optimiser's gradients and skips the step of one whose gradients overflowed (dynamic loss
-        scaling expects that now and then). An optimiser none of whose parameters has a gradient is left alone,
-        as SGD itself would (its weight decay and momentum only touch parameters with gradients).
-        """
-        scaling = scaler is not None and scaler.is_enabled()
-        active = []
-        for opt in self.optimizers:
-            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            if params:
-                active.append((opt, params))
-                if scaling:
-                    scaler.unscale_(opt)
-        if not scaling and active:
-            grads = [p.grad for _, params in active for p in params]
-            if not bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for g in grads])).all()):
-                return [p for _, params in active for p in params if not bool(torch.isfinite(p.grad).all())]
-        for opt, params in active:
-            if self.clip_type == "value":
-                torch.nn.utils.clip_grad_value_(params, self.clip_value)
-            elif self.clip_type == "norm":
-                torch.nn.utils.clip_grad_norm_(params, self.clip_value)
-            if scaling:
-                scaler.step(opt)
-            else:
-                opt.step()
-        if scaling:
-            scaler.update()
-        self.advance()
-        return []
-
-    def advance(self) -> None:
-        """Move the schedules one iteration on (also for a skipped step: the rate is a function of the iteration)."""
-        for sched in self.schedulers:
-            sched.step()
-
-    def lrs(self) -> list[float]:
-        return [opt.param_groups[0]["lr"] for opt in self.optimizers]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizers": [o.state_dict() for o in self.optimizers],
-            "schedulers": [s.state_dict() for s in self.schedulers],
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for o, st in zip(self.optimizers, state["optimizers"]):
-            o.load_state_dict(st)
-        for s, st in zip(self.schedulers, state["schedulers"]):
-            s.load_state_dict(st)
-
-
-def build_optimisation(model: nn.Module, cfg: Config) -> Optimisation:
-    s = cfg.solver
-    if isinstance(model, LGD):
-        optimizers = [
-            make_optimizer([model.student, model.adapter], s.base_lr, s.momentum, s.weight_decay,
-                           s.weight_decay_norm, s.weight_decay_bias),
-            make_optimizer([model.teacher], cfg.lgd.teacher_lr, cfg.lgd.teacher_momentum, cfg.lgd.teacher_weight_decay,
-                           s.weight_decay_norm, s.weight_decay_bias),
-        ]
-    else:
-        optimizers = [make_optimizer([model], s.base_lr, s.momentum, s.weight_decay, s.weight_decay_norm,
-                                     s.weight_decay_bias)]
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda it: lr_factor(it, s)) for o in optimizers]
-    return Optimisation(optimizers, schedulers, s.clip_type, s.clip_value)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -313,7 +183,7 @@ def prepare_output_dir(out: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def checkpoint_bytes(model: nn.Module, opt: Optimisation) -> int:
+def checkpoint_bytes(model: nn.Module, opt: Optimization) -> int:
     """Size of one checkpoint: the model's state plus one SGD momentum buffer per trainable parameter."""
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     momentum = sum(p.numel() * p.element_size() for o in opt.optimizers for g in o.param_groups for p in g["params"])
@@ -338,17 +208,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise LGDError(f"cannot read checkpoint {path}: {e}") from None
 
 
-def load_model_weights(model: nn.Module, path: Path) -> dict[str, Any]:
-    """Load a training checkpoint (LGD or plain) into ``model`` (LGD or plain student)."""
+def load_model_weights(model: Trainable, path: Path) -> dict[str, Any]:
+    """Load a training checkpoint (LGD or plain) into ``model`` (LGD or Baseline); returns the checkpoint.
+
+    LGD's state names the student's tensors ``student.*``; a plain detector's state is the student's alone.
+    Whole LGD states go into LGD models, and otherwise the student's part into the student.
+    """
     ckpt = load_checkpoint(path)
     state = ckpt["model"]
-    if not isinstance(model, LGD) and any(k.startswith("student.") for k in state):
-        state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
-    elif isinstance(model, LGD) and not any(k.startswith("student.") for k in state):
+    if _is_lgd_state(state) and _is_lgd_state(model.state_dict()):
+        model.load_state_dict(state)
+    elif _is_lgd_state(state):
+        model.student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+    else:
         model.student.load_state_dict(state)
-        return ckpt
-    model.load_state_dict(state)
     return ckpt
+
+
+def _is_lgd_state(state: dict[str, Any]) -> bool:
+    return any(k.startswith("student.") for k in state)
 
 
 def load_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
@@ -454,10 +332,8 @@ def evaluate(
     With a distributed ``ctx`` every rank runs its share of the images and rank 0 gathers the detections,
     scores them and writes ``out_file``; the other ranks return ``None``.
     """
-    if teacher and not isinstance(model, LGD):
-        raise LGDError("the teacher diagnostic needs an LGD model (lgd.enabled=true)")
     ctx = ctx or Context(device=device)
-    student = student_of(model)
+    student = model.student
     was_training = model.training
     model.eval()
     set_test_size(student, cfg.model)
@@ -586,7 +462,7 @@ class Stepper:
     number, adds up to the mean over the rank's images: the step sees the same global batch with less memory.
     """
 
-    def __init__(self, net: nn.Module, opt: Optimisation, ctx: Context, solver: SolverConfig) -> None:
+    def __init__(self, net: nn.Module, opt: Optimization, ctx: Context, solver: SolverConfig) -> None:
         self.net = net
         self.opt = opt
         self.ctx = ctx
@@ -597,7 +473,8 @@ class Stepper:
         self.scaler = (torch.amp.GradScaler("cuda", enabled=enabled) if hasattr(torch.amp, "GradScaler")
                        else torch.cuda.amp.GradScaler(enabled=enabled))
         module = net.module if isinstance(net, DistributedDataParallel) else net
-        self.names = {id(p): name for name, p in module.named_parameters()}
+        # named as in the checkpoint's state (a Baseline's state is its detector's, without "student.")
+        self.names = {id(p): name for name, p in module.state_dict(keep_vars=True).items()}
 
     def __call__(self, images: list[Tensor], targets: list[dict], stop_requested: bool) -> StepResult:
         self.opt.zero_grad()
@@ -660,16 +537,6 @@ def _check_runtime(cfg: Config, ctx: Context) -> None:
     distributed.per_rank_batch(cfg.data.batch_size, ctx.world_size, cfg.solver.accumulate)
 
 
-def _may_leave_parameters_unused(model: nn.Module, cfg: Config, start: int) -> bool:
-    """Whether some step may give a trainable parameter no gradient, which DDP must then look for (at the
-    cost of a walk over the autograd graph every step): LGD's frozen-backbone window still ahead, or a
-    teacher without context box on a rank whose images may all lack objects. Everything else in the student,
-    adapter and teacher takes part in every step's loss."""
-    if not isinstance(model, LGD):
-        return False
-    return start < model.freeze_backbone_iters or (not model.context_box and not cfg.data.filter_empty)
-
-
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (LGD or baseline) as the config says; returns the final metrics on the val split.
 
@@ -700,7 +567,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     if cfg.model.sync_bn and ctx.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
-    opt = build_optimisation(model, cfg)
+    opt = build_optimization(model.optimizer_groups(), cfg.solver)
     distributed.share_from_main(ctx, lambda: check_free_space(out, 2 * checkpoint_bytes(model, opt)))
 
     start = 0
@@ -720,8 +587,9 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
 
     net: nn.Module = model
     if ctx.distributed:
+        unused = model.may_leave_parameters_unused(start, images_may_lack_objects=not cfg.data.filter_empty)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=_may_leave_parameters_unused(model, cfg, start))
+                                      find_unused_parameters=unused)
     stepper = Stepper(net, opt, ctx, cfg.solver)
     if ckpt is not None and "scaler" in ckpt and stepper.scaler.is_enabled():
         stepper.scaler.load_state_dict(ckpt["scaler"])
@@ -762,8 +630,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     try:
         with StopSignals(announce=ctx.is_main) as signals:
             for it in range(start, cfg.solver.max_iter):
-                if isinstance(model, LGD):
-                    model.set_iteration(it)
+                model.set_iteration(it)
                 images, targets = to_device(*next(batches), device)
                 step = stepper(images, targets, stop_requested=signals.received is not None)
                 done = it + 1

@@ -128,10 +128,10 @@ def find_image(dataset: CocoDetection, image: str | None) -> int:
     raise DatasetError(f"{dataset.ann_file}: no image with id or file name '{image}'")
 
 
-def visualize_features(model: torch.nn.Module, dataset: CocoDetection, index: int, cfg: Config,
+def visualize_features(model: LGD, dataset: CocoDetection, index: int, cfg: Config,
                        device: torch.device, out: Path) -> Path:
     """Write the student-versus-teacher PNG of sample ``index`` of an evaluation dataset."""
-    if not isinstance(model, LGD):
+    if not cfg.lgd.enabled:
         raise LGDError("the teacher's maps need an LGD model (this run has lgd.enabled=false)")
     model.eval()
     set_test_size(model.student, cfg.model)

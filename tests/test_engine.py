@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from lgd import engine
-from lgd.engine import CHECKPOINT, FINAL, load_checkpoint, lr_factor, train
+from lgd.engine import CHECKPOINT, FINAL, load_checkpoint, train
 from lgd.errors import LGDError, TrainingError
+from lgd.solver import Optimization, lr_factor
 
 
 def _final_state(cfg):
@@ -33,7 +34,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
     train(uninterrupted, progress=False)
 
     interrupted = tiny_config(f"output_dir={tmp_path / 'b'}")
-    real_step = engine.Optimisation.step
+    real_step = Optimization.step
     calls = {"n": 0}
 
     def crash_on_third(self, scaler=None):
@@ -42,11 +43,11 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_step(self, scaler)
 
-    monkeypatch.setattr(engine.Optimisation, "step", crash_on_third)
+    monkeypatch.setattr(Optimization, "step", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         train(interrupted, progress=False)
     assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["iteration"] == 2
-    monkeypatch.setattr(engine.Optimisation, "step", real_step)
+    monkeypatch.setattr(Optimization, "step", real_step)
     train(interrupted, resume=True, progress=False)
 
     a, b = _final_state(uninterrupted), _final_state(interrupted)
