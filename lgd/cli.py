@@ -134,7 +134,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lgd.engine import FINAL, evaluate, load_trained, resolve_device
+    from lgd.checkpoint import FINAL
+    from lgd.engine import evaluate, load_trained, resolve_device
 
     cfg = _load(args)
     weights = Path(args.weights or Path(cfg.output_dir) / FINAL)

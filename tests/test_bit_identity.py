@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd.engine import FINAL, load_checkpoint, train
+from lgd.checkpoint import FINAL, load_checkpoint
+from lgd.engine import train
 
 RECORDED = Path(__file__).parent / "data" / "recorded_training.json"
 CASES = [("retinanet", True), ("retinanet", False), ("fasterrcnn", True), ("fasterrcnn", False)]

@@ -12,7 +12,8 @@ from lgd import distributed
 from lgd.config import save_config
 from lgd.data.loader import ShardedBatchSampler, TrainBatchSampler
 from lgd.distributed import Context
-from lgd.engine import FINAL, _check_runtime, load_checkpoint, train
+from lgd.checkpoint import FINAL, load_checkpoint
+from lgd.engine import _check_runtime, train
 from lgd.errors import ConfigError
 
 REPO = Path(__file__).parent.parent

@@ -1,23 +1,25 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from lgd import engine
-from lgd.engine import CHECKPOINT, FINAL, load_checkpoint, train
+from lgd import checkpoint, engine
+from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
+from lgd.engine import train
 from lgd.errors import LGDError, TrainingError
 from lgd.solver import Optimization, lr_factor
 
 
 def _final_state(cfg):
-    return load_checkpoint(engine.Path(cfg.output_dir) / FINAL)["model"]
+    return load_checkpoint(Path(cfg.output_dir) / FINAL)["model"]
 
 
 @pytest.mark.parametrize("lgd_enabled", [True, False])
 def test_training_writes_outputs_and_logs_every_loss_term(tiny_config, lgd_enabled):
     cfg = tiny_config(f"lgd.enabled={str(lgd_enabled).lower()}")
     out = train(cfg, progress=False)
-    run = engine.Path(cfg.output_dir)
+    run = Path(cfg.output_dir)
     for name in (CHECKPOINT, FINAL, "config.yaml", "metrics.jsonl", "loss.png", "detections_val.json", "eval_val.txt"):
         assert (run / name).is_file(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -96,16 +98,16 @@ def test_warmup_and_multistep_schedule():
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     target = tmp_path / "ck.pth"
-    engine.atomic_save({"x": 1}, target)
+    checkpoint.atomic_save({"x": 1}, target)
 
     def broken_save(obj, path):
         with open(path, "wb") as fh:
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(engine.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
     with pytest.raises(OSError):
-        engine.atomic_save({"x": 2}, target)
+        checkpoint.atomic_save({"x": 2}, target)
     monkeypatch.undo()
     assert torch.load(target)["x"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]

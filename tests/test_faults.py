@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd import engine
+from lgd import checkpoint, engine
+from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
 from lgd.config import save_config
-from lgd.engine import CHECKPOINT, FINAL, StopSignals, TrainingInterrupted, load_checkpoint, train
+from lgd.engine import StopSignals, TrainingInterrupted, train
 from lgd.errors import TrainingError
 
 REPO = Path(__file__).parent.parent
@@ -91,10 +92,10 @@ def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_run(tiny_confi
 KILLED_WRITE = """
 import os, signal, sys, torch
 from pathlib import Path
-from lgd import engine
+from lgd import checkpoint
 
 out = Path(sys.argv[1])
-engine.save_checkpoint({"iteration": 1}, out, 1, keep=3)
+checkpoint.save_checkpoint({"iteration": 1}, out, 1, keep=3)
 
 def dying_save(obj, path):
     with open(path, "wb") as f:
@@ -103,7 +104,7 @@ def dying_save(obj, path):
     os.kill(os.getpid(), signal.SIGKILL)
 
 torch.save = dying_save
-engine.save_checkpoint({"iteration": 2}, out, 2, keep=3)
+checkpoint.save_checkpoint({"iteration": 2}, out, 2, keep=3)
 """
 
 
@@ -115,7 +116,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert not (tmp_path / "model_0000002.pth").exists()
     leftovers = list(tmp_path.glob(".model_0000002.pth.*.tmp"))
     assert len(leftovers) == 1 and leftovers[0].read_bytes() == b"half a checkpoint"
-    engine.prepare_output_dir(tmp_path)  # what the next run does first
+    checkpoint.prepare_output_dir(tmp_path)  # what the next run does first
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "model_0000001.pth"]
 
 
@@ -209,7 +210,7 @@ def test_an_unwritable_or_full_output_dir_is_reported_before_training(tiny_confi
     def one_mib_free(path):
         return types.SimpleNamespace(total=2**40, used=2**40 - 2**20, free=2**20)
 
-    monkeypatch.setattr(engine.shutil, "disk_usage", one_mib_free)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", one_mib_free)
     monkeypatch.setattr(engine.Stepper, "__call__", never)
     cfg = tiny_config()
     with pytest.raises(TrainingError, match=r"has 1 MiB free, but this run needs about \d+ MiB for its checkpoints"):
@@ -217,7 +218,7 @@ def test_an_unwritable_or_full_output_dir_is_reported_before_training(tiny_confi
 
 
 def test_a_failed_checkpoint_write_stops_with_the_previous_checkpoint_intact(tiny_config, monkeypatch):
-    real, calls = engine.atomic_save, []
+    real, calls = checkpoint.atomic_save, []
 
     def disk_full_on_second(obj, path):
         calls.append(path)
@@ -225,7 +226,7 @@ def test_a_failed_checkpoint_write_stops_with_the_previous_checkpoint_intact(tin
             raise OSError(errno.ENOSPC, "No space left on device")
         real(obj, path)
 
-    monkeypatch.setattr(engine, "atomic_save", disk_full_on_second)
+    monkeypatch.setattr(checkpoint, "atomic_save", disk_full_on_second)
     cfg = tiny_config()
     with pytest.raises(TrainingError, match=r"cannot write checkpoint .*model_0000004.pth \(No space left on "
                                             r"device\); the previous checkpoint .*last.pth is intact"):
