@@ -4,7 +4,6 @@ evaluation."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import signal
@@ -35,6 +34,7 @@ from lgd.distiller import LGD
 from lgd.distributed import Context
 from lgd.errors import ConfigError, LGDError, TrainingError
 from lgd.evaluation import EvalResult, auto_metric, detections_to_coco, evaluate_detections, save_results
+from lgd.events import MetricsLog, truncate_metrics
 from lgd.solver import Optimization, build_optimization
 from lgd.trainable import Baseline, Trainable
 
@@ -108,61 +108,6 @@ def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tup
     model = build_model(cfg, dataset.num_classes)
     load_model_weights(model, Path(weights) if weights else Path(cfg.output_dir) / FINAL)
     return model, dataset
-
-
-# ----------------------------------------------------------------------------- logging
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line, flushed) plus TensorBoard events."""
-
-    def __init__(self, out_dir: Path, purge_step: Optional[int] = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.path = out_dir / "metrics.jsonl"
-        self.file = open(self.path, "a")
-        self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge_step)
-
-    def train(self, it: int, losses: dict[str, float], total: float, lrs: list[float], seconds: float) -> None:
-        record = {"kind": "train", "iter": it, "total_loss": total, "losses": losses, "lr": lrs[0], "time": seconds}
-        if len(lrs) > 1:
-            record["teacher_lr"] = lrs[1]
-        self._write(record)
-        self.tb.add_scalar("loss/total", total, it)
-        for k, v in losses.items():
-            self.tb.add_scalar(f"loss/{k}", v, it)
-        self.tb.add_scalar("lr/student", lrs[0], it)
-
-    def eval(self, it: int, split: str, metrics: dict[str, float]) -> None:
-        self._write({"kind": "eval", "iter": it, "split": split, "metrics": metrics})
-        for k, v in metrics.items():
-            if not math.isnan(v):
-                self.tb.add_scalar(f"{split}/{k}", v, it)
-
-    def skip(self, it: int, terms: list[str], gradients: list[str], image_ids: list[Any]) -> None:
-        """A step that solver.nan_policy=skip left out: which loss terms or parameters' gradients were not
-        finite, on which images."""
-        self._write({"kind": "skip", "iter": it, "terms": terms, "gradients": gradients, "image_ids": image_ids})
-
-    def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-        self.tb.close()
-
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """On resume, drop records written after the checkpoint so the log reads as one uninterrupted run."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["iter"] <= iteration:
-                keep.append(line)
-        except (ValueError, KeyError):
-            continue
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -440,7 +385,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
         start = ckpt["iteration"]
     if ctx.is_main:
         if resume:
-            _truncate_metrics(out / "metrics.jsonl", start)
+            truncate_metrics(out / "metrics.jsonl", start)
         else:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         save_config(cfg, out / "config.yaml")
