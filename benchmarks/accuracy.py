@@ -47,8 +47,10 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     import torch
 
     from lgd.atomic import atomic_write_text
+    from lgd.builders import load_trained, resolve_device
     from lgd.config import load_config
-    from lgd.engine import evaluate, load_trained, resolve_device, train
+    from lgd.engine import train
+    from lgd.evaluation.evaluator import evaluate
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--budget needs --iters, the schedule lengths to choose from")
 
     from lgd.config import load_config
-    from lgd.engine import split_paths
+    from lgd.builders import split_paths
     from lgd.plots import plot_ap_curves
 
     began = time.perf_counter()

@@ -134,8 +134,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from lgd.builders import load_trained, resolve_device
     from lgd.checkpoint import FINAL
-    from lgd.engine import evaluate, load_trained, resolve_device
+    from lgd.evaluation.evaluator import evaluate
 
     cfg = _load(args)
     weights = Path(args.weights or Path(cfg.output_dir) / FINAL)
@@ -154,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lgd.engine import load_trained
+    from lgd.builders import load_trained
     from lgd.export import export_student
 
     cfg = _load(args)
@@ -167,7 +168,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from lgd.engine import resolve_device
+    from lgd.builders import resolve_device
     from lgd.export import load_student
     from lgd.visualize import draw_detections, list_images, load_image
     import torch
@@ -200,9 +201,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
+    from lgd.builders import split_paths
     from lgd.detectors import build_detector
     from lgd.distiller import LGD
-    from lgd.engine import split_paths
 
     cfg = _load(args)
     k = args.num_classes
@@ -249,9 +250,9 @@ def cmd_data(args: argparse.Namespace) -> None:
         write_coco(data, Path(args.out))
         print(f"wrote {describe(data)} to {args.out}\ntrain with: data.train.root={root} data.train.ann={args.out}")
     elif args.data_command == "stats":
+        from lgd.builders import split_paths
         from lgd.data import CocoDetection
         from lgd.data.stats import dataset_stats, plot_stats
-        from lgd.engine import split_paths
 
         cfg = _load(args)
         stats = dataset_stats(CocoDetection(*split_paths(cfg, args.split)).coco.dataset)
@@ -266,7 +267,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    from lgd.engine import load_trained, resolve_device
+    from lgd.builders import load_trained, resolve_device
     from lgd.feature_maps import find_image, visualize_features
 
     cfg = _load(args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import signal
 import sys
 import threading
@@ -14,165 +13,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Subset
 from tqdm import tqdm
 
 from lgd import distributed
-from lgd.checkpoint import (CHECKPOINT, FINAL, atomic_save, check_free_space, checkpoint_bytes, load_model_weights,
-                            load_resume_checkpoint, prepare_output_dir, rng_state, save_checkpoint, set_rng_state)
+from lgd.builders import build_dataset, build_model, resolve_device, seed_everything, split_paths, to_device
+from lgd.checkpoint import (CHECKPOINT, FINAL, atomic_save, check_free_space, checkpoint_bytes, load_resume_checkpoint,
+                            prepare_output_dir, rng_state, save_checkpoint, set_rng_state)
 from lgd.config import Config, SolverConfig, save_config, to_dict
-from lgd.data import CocoDetection, build_eval_loader, build_train_loader, build_transforms, ensure_builtin_dataset
+from lgd.data import build_train_loader
 from lgd.data.loader import stop_workers
-from lgd.data.formats import cached_conversion
-from lgd.data.synthetic import default_cache_dir
-from lgd.detectors import VIEWS, build_detector, set_test_size
-from lgd.distiller import LGD
 from lgd.distributed import Context
-from lgd.errors import ConfigError, LGDError, TrainingError
-from lgd.evaluation import EvalResult, auto_metric, detections_to_coco, evaluate_detections, save_results
+from lgd.errors import ConfigError, TrainingError
+from lgd.evaluation.evaluator import evaluate
 from lgd.events import MetricsLog, truncate_metrics
 from lgd.solver import Optimization, build_optimization
-from lgd.trainable import Baseline, Trainable
 
-# ----------------------------------------------------------------------------- setup
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LGDError(f"device={name} was requested but CUDA is not available here; use device=cpu or auto")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def split_paths(cfg: Config, split: str) -> tuple[Path, Path]:
-    """(image root, COCO annotation file) of a split; the built-in dataset (generated once) when none is given.
-
-    VOC, YOLO and CrowdHuman splits are converted to COCO JSON once, cached in the cache folder.
-    """
-    s = getattr(cfg.data, split)
-    syn = cfg.data.synth
-    cache_dir = Path(syn.cache_dir) if syn.cache_dir else default_cache_dir()
-    if s.format != "coco":
-        return cached_conversion(s.format, Path(s.root), s.ann, cfg.data.names_file, cfg.data.crowdhuman_box, cache_dir)
-    if s.root:
-        return Path(s.root), Path(s.ann)
-    root = ensure_builtin_dataset(
-        cache_dir,
-        seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, size=syn.size,
-    )
-    return root / split, root / "annotations" / f"instances_{split}.json"
-
-
-def build_dataset(cfg: Config, split: str, train: bool) -> CocoDetection:
-    root, ann = split_paths(cfg, split)
-    return CocoDetection(
-        root,
-        ann,
-        transforms=build_transforms(train, cfg.data.hflip_prob),
-        label_offset=VIEWS[cfg.model.arch].label_offset,
-        with_masks=cfg.model.arch == "maskrcnn",
-        filter_empty=train and cfg.data.filter_empty,
-    )
-
-
-def build_model(cfg: Config, num_classes: int) -> Trainable:
-    """The student, wrapped in LGD, or in Baseline when ``lgd.enabled`` is false."""
-    detector = build_detector(cfg.model, num_classes)
-    if not cfg.lgd.enabled:
-        return Baseline(detector)
-    return LGD(detector, num_classes=num_classes, config=cfg.lgd, max_iter=cfg.solver.max_iter)
-
-
-def to_device(images: list[Tensor], targets: list[dict], device: torch.device) -> tuple[list[Tensor], list[dict]]:
-    """Plain tensors on the device (tv_tensors unwrapped: torchvision's detectors expect plain ones)."""
-    images = [img.as_subclass(Tensor).to(device, non_blocking=True) for img in images]
-    targets = [
-        {k: (v.as_subclass(Tensor).to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()}
-        for t in targets
-    ]
-    return images, targets
-
-
-def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tuple[nn.Module, CocoDetection]:
-    """The model a run trained (``weights`` or ``output_dir/model_final.pth``) and the split's evaluation dataset."""
-    dataset = build_dataset(cfg, split, train=False)
-    model = build_model(cfg, dataset.num_classes)
-    load_model_weights(model, Path(weights) if weights else Path(cfg.output_dir) / FINAL)
-    return model, dataset
-
-
-# ----------------------------------------------------------------------------- evaluation
-def split_metric(cfg: Config, split: str) -> str:
-    """The metric a split is evaluated with: ``data.metric``, or when "auto" the one its format is reported with."""
-    s = getattr(cfg.data, split)
-    return auto_metric(s.format, s.root) if cfg.data.metric == "auto" else cfg.data.metric
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    dataset: CocoDetection,
-    cfg: Config,
-    device: torch.device,
-    teacher: bool = False,
-    out_file: Optional[Path] = None,
-    progress: bool = True,
-    desc: str = "eval",
-    ctx: Optional[Context] = None,
-    split: str = "val",
-) -> Optional[EvalResult]:
-    """AP of the student (or, with ``teacher``, of the head on the teacher's features: an upper bound).
-
-    The metric is ``split_metric(cfg, split)``: COCO AP, VOC AP50 or CrowdHuman AP50 / MR^-2.
-
-    With a distributed ``ctx`` every rank runs its share of the images and rank 0 gathers the detections,
-    scores them and writes ``out_file``; the other ranks return ``None``.
-    """
-    ctx = ctx or Context(device=device)
-    student = model.student
-    was_training = model.training
-    model.eval()
-    set_test_size(student, cfg.model)
-    shard = Subset(dataset, distributed.shard_indices(ctx, len(dataset))) if ctx.distributed else dataset
-    loader = build_eval_loader(shard, cfg.data.eval_batch_size, cfg.data.workers)
-    outputs, ids = [], []
-    bar = not progress or not ctx.is_main
-    for images, targets in tqdm(loader, desc=desc, disable=bar, leave=False, dynamic_ncols=True):
-        images, targets = to_device(images, targets, device)
-        dets = model.teacher_detect(images, targets) if teacher else student(images)
-        outputs.extend({k: v.cpu() for k, v in d.items()} for d in dets)
-        ids.extend(t["image_id"] for t in targets)
-    student.transform.min_size = tuple(cfg.model.min_size)
-    model.train(was_training)
-    gathered = distributed.gather_lists(ctx, list(zip(outputs, ids)))
-    if gathered is None:
-        return None
-    outputs, ids = [o for o, _ in gathered], [i for _, i in gathered]
-    with_masks = cfg.model.arch == "maskrcnn"
-    results = detections_to_coco(outputs, ids, dataset.label_to_category_id, with_masks=with_masks)
-    if out_file is not None:
-        save_results(results, out_file)
-    return evaluate_detections(
-        split_metric(cfg, split),
-        dataset.coco,
-        results,
-        iou_types=("bbox", "segm") if with_masks else ("bbox",),
-        class_names=dataset.class_names,
-        cat_ids=dataset.cat_ids,
-        image_ids=dataset.ids,
-    )
-
-
-# ----------------------------------------------------------------------------- training
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -17,12 +17,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
+from lgd.builders import to_device
 from lgd.config import Config
 from lgd.data import CocoDetection
 from lgd.detectors import set_test_size
 from lgd.detectors.views import OneStageView
 from lgd.distiller import LGD
-from lgd.engine import to_device
 from lgd.errors import DatasetError, LGDError
 from lgd.visualize import class_color
 

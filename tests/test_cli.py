@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lgd.builders import build_model
+from lgd.checkpoint import load_model_weights
 from lgd.cli import build_parser, main
 from lgd.config import save_config
-from lgd.engine import build_model, load_model_weights, train
+from lgd.engine import train
 from lgd.export import load_student
 
 
