@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from lgd import distributed
 from lgd.atomic import atomic_write
 from lgd.config import Config, config_from_dict, flatten, to_dict
+from lgd.distributed import Context
 from lgd.errors import LGDError, TrainingError
 from lgd.solver import Optimization
 from lgd.trainable import Trainable
@@ -46,6 +48,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng_state(saved: Any, ctx: Context) -> None:
+    """Continue this rank's random streams from a checkpoint's ``rng`` (one state per rank, or one state)."""
+    # A run resumed on another number of processes continues from rank 0's.
+    set_rng_state(saved[ctx.rank] if isinstance(saved, list) and len(saved) == ctx.world_size
+                  else saved[0] if isinstance(saved, list) else saved)
 
 
 def _link_or_copy(source: Path, dest: str) -> None:
@@ -154,3 +163,40 @@ def load_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
         raise LGDError(f"--resume: the config differs from the one {path} was trained with ({', '.join(differ)}); "
                        f"resume with -c {path.parent / 'config.yaml'}")
     return ckpt
+
+
+class Checkpointer:
+    """Writes one run's checkpoints into ``out``. Every rank calls ``save`` (each adds its RNG state); rank 0 writes.
+
+    A checkpoint holds the model's state, the optimization's (optimizers and schedules), the iteration, every
+    rank's RNG state, the config and, under fp16, the gradient scaler's state: all that an exact resume needs.
+    """
+
+    def __init__(self, out: Path, model: nn.Module, optimization: Optimization, scaler: torch.amp.GradScaler,
+                 cfg: Config, ctx: Context) -> None:
+        self.out, self.model, self.optimization, self.scaler = out, model, optimization, scaler
+        self.cfg, self.ctx = cfg, ctx
+
+    def save(self, it: int) -> Path:
+        """``model_<it>.pth``, linked as ``last.pth`` (``save_checkpoint``); returns its path."""
+        rngs = distributed.all_gather_list(self.ctx, rng_state())
+        state = {"model": self.model.state_dict(), "optimisation": self.optimization.state_dict(), "iteration": it,
+                 "rng": rngs, "config": to_dict(self.cfg)}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return distributed.share_from_main(self.ctx, lambda: save_checkpoint(state, self.out, it,
+                                                                             self.cfg.keep_checkpoints))
+
+    def save_debug(self, it: int, losses_per_rank: list[dict[str, float]], image_ids: list[Any]) -> Path:
+        """The state before the failed step (no parameter changed), with every rank's loss values."""
+        path = self.out / f"nan_debug_{it:07d}.pth"
+        state = {"model": self.model.state_dict(), "optimisation": self.optimization.state_dict(), "iteration": it,
+                 "losses_per_rank": losses_per_rank, "image_ids": image_ids, "config": to_dict(self.cfg)}
+        distributed.share_from_main(self.ctx, lambda: atomic_save(state, path))
+        return path
+
+    def save_final(self, it: int) -> None:
+        """``model_final.pth``: the trained model's state alone (rank 0)."""
+        if self.ctx.is_main:
+            atomic_save({"model": self.model.state_dict(), "iteration": it, "config": to_dict(self.cfg)},
+                        self.out / FINAL)

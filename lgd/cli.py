@@ -117,7 +117,8 @@ def _print_result(result, title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lgd.engine import TrainingInterrupted, train
+    from lgd.hooks import TrainingInterrupted
+    from lgd.train_loop import train
 
     cfg = _load(args)
     try:

@@ -11,8 +11,8 @@ from lgd.builders import build_model
 from lgd.checkpoint import load_model_weights
 from lgd.cli import build_parser, main
 from lgd.config import save_config
-from lgd.engine import train
 from lgd.export import load_student
+from lgd.train_loop import train
 
 
 def test_every_subcommand_has_help(capsys):

@@ -4,11 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd import checkpoint, engine
+from lgd import checkpoint
 from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
-from lgd.engine import train
+from lgd.distiller import LGD
 from lgd.errors import LGDError, TrainingError
 from lgd.solver import Optimization, lr_factor
+from lgd.train_loop import train
 
 
 def _final_state(cfg):
@@ -72,14 +73,14 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tiny_config, t
 
 
 def test_a_nan_loss_stops_training_with_a_clear_message(tiny_config, monkeypatch):
-    real = engine.LGD.forward
+    real = LGD.forward
 
     def poisoned(self, images, targets=None):
         losses = real(self, images, targets)
         losses["loss_distill"] = losses["loss_distill"] * float("nan")
         return losses
 
-    monkeypatch.setattr(engine.LGD, "forward", poisoned)
+    monkeypatch.setattr(LGD, "forward", poisoned)
     with pytest.raises(TrainingError, match=r"iteration 0: non-finite loss terms \['loss_distill'\]"):
         train(tiny_config(), progress=False)
 

@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd import checkpoint, engine
+from lgd import checkpoint, train_loop
 from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
 from lgd.config import save_config
-from lgd.engine import StopSignals, TrainingInterrupted, train
+from lgd.distiller import LGD
 from lgd.errors import TrainingError
+from lgd.hooks import StopSignals, TrainingInterrupted, ignore_stop_signals
+from lgd.step import Stepper
+from lgd.train_loop import train
 
 REPO = Path(__file__).parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -132,7 +135,7 @@ def test_the_first_signal_asks_to_stop_and_a_second_interrupts():
 
 
 def _poison(monkeypatch, iteration: int) -> None:
-    real = engine.LGD.forward
+    real = LGD.forward
 
     def poisoned(self, images, targets=None):
         losses = real(self, images, targets)
@@ -140,7 +143,7 @@ def _poison(monkeypatch, iteration: int) -> None:
             losses["loss_distill"] = losses["loss_distill"] * float("nan")
         return losses
 
-    monkeypatch.setattr(engine.LGD, "forward", poisoned)
+    monkeypatch.setattr(LGD, "forward", poisoned)
 
 
 def test_a_nan_loss_stops_with_the_iteration_terms_and_a_debug_checkpoint(tiny_config, monkeypatch):
@@ -176,7 +179,7 @@ def test_nan_policy_skip_leaves_the_model_alone_and_logs_the_step(tiny_config, m
 
 
 def test_a_nan_gradient_behind_finite_losses_is_caught_before_any_optimiser_steps(tiny_config, monkeypatch):
-    real = engine.LGD.forward
+    real = LGD.forward
 
     def nan_gradient(self, images, targets=None):
         losses = real(self, images, targets)
@@ -184,7 +187,7 @@ def test_a_nan_gradient_behind_finite_losses_is_caught_before_any_optimiser_step
             losses["loss_distill"] = losses["loss_distill"] + (self.adapter.layers[0].bias * 0).sum().sqrt() * 0
         return losses
 
-    monkeypatch.setattr(engine.LGD, "forward", nan_gradient)
+    monkeypatch.setattr(LGD, "forward", nan_gradient)
     cfg = tiny_config("checkpoint_period=1")
     with pytest.raises(TrainingError, match=r"iteration 1: non-finite gradients of adapter.layers.0.bias on "
                                             r"images \[\d+, \d+\] \(finite losses\)"):
@@ -202,7 +205,7 @@ def test_an_unwritable_or_full_output_dir_is_reported_before_training(tiny_confi
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    monkeypatch.setattr(engine, "build_dataset", never)
+    monkeypatch.setattr(train_loop, "build_dataset", never)
     with pytest.raises(TrainingError, match=r"output_dir .*a_file/run is not writable \(Not a directory\)"):
         train(tiny_config(f"output_dir={blocker / 'run'}"), progress=False)
     monkeypatch.undo()
@@ -211,7 +214,7 @@ def test_an_unwritable_or_full_output_dir_is_reported_before_training(tiny_confi
         return types.SimpleNamespace(total=2**40, used=2**40 - 2**20, free=2**20)
 
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", one_mib_free)
-    monkeypatch.setattr(engine.Stepper, "__call__", never)
+    monkeypatch.setattr(Stepper, "__call__", never)
     cfg = tiny_config()
     with pytest.raises(TrainingError, match=r"has 1 MiB free, but this run needs about \d+ MiB for its checkpoints"):
         train(cfg, progress=False)
@@ -247,11 +250,9 @@ def test_the_newest_k_checkpoints_are_kept_and_last_is_the_newest(tiny_config):
 
 def test_loader_workers_leave_stop_signals_to_the_main_process():
     """A SIGTERM sent to every process (pkill, a scheduler) must not kill a worker under the step being finished."""
-    from lgd.engine import _ignore_stop_signals
-
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _ignore_stop_signals(0)
+        ignore_stop_signals(0)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
@@ -264,7 +265,7 @@ def test_a_process_that_trained_with_loader_workers_exits(tiny_config, tmp_path)
     forever while train() left its workers, which ignore SIGTERM, for multiprocessing to stop at exit."""
     config = tmp_path / "workers.yaml"
     save_config(tiny_config("data.workers=1", "solver.max_iter=2", "checkpoint_period=2"), config)
-    script = ("from lgd.config import load_config; from lgd.engine import train; "
+    script = ("from lgd.config import load_config; from lgd.train_loop import train; "
               f"train(load_config({str(config)!r}), progress=False)")
     try:
         done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True,
