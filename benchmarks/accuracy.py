@@ -50,7 +50,7 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     from lgd.builders import load_trained, resolve_device
     from lgd.config import load_config
     from lgd.evaluation.evaluator import evaluate
-    from lgd.train_loop import train
+    from lgd.training import train
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -78,7 +78,7 @@ def calibrate_one(config: str, overrides: list[str]) -> float:
     import torch
 
     from lgd.config import load_config
-    from lgd.train_loop import train
+    from lgd.training import train
 
     torch.set_num_threads(1)
     cfg = load_config(config, overrides + [f"solver.max_iter={CALIBRATION_STEPS}", "log_period=5", "eval_period=0",

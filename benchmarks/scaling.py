@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lgd.config import load_config
-from lgd.train_loop import train
+from lgd.training import train
 
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"

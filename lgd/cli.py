@@ -117,8 +117,8 @@ def _print_result(result, title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lgd.hooks import TrainingInterrupted
-    from lgd.train_loop import train
+    from lgd.signals import TrainingInterrupted
+    from lgd.training import train
 
     cfg = _load(args)
     try:

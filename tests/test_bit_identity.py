@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lgd.checkpoint import FINAL, load_checkpoint
-from lgd.train_loop import train
+from lgd.training import train
 
 RECORDED = Path(__file__).parent / "data" / "recorded_training.json"
 CASES = [("retinanet", True), ("retinanet", False), ("fasterrcnn", True), ("fasterrcnn", False)]

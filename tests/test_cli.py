@@ -12,7 +12,7 @@ from lgd.checkpoint import load_model_weights
 from lgd.cli import build_parser, main
 from lgd.config import save_config
 from lgd.export import load_student
-from lgd.train_loop import train
+from lgd.training import train
 
 
 def test_every_subcommand_has_help(capsys):

@@ -14,7 +14,7 @@ from lgd.data.loader import ShardedBatchSampler, TrainBatchSampler
 from lgd.distributed import Context
 from lgd.checkpoint import FINAL, load_checkpoint
 from lgd.errors import ConfigError
-from lgd.train_loop import _check_runtime, train
+from lgd.training import _check_runtime, train
 
 REPO = Path(__file__).parent.parent
 # GroupNorm everywhere: batch statistics would differ between one batch of 4 and two of 2 by design.

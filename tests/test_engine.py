@@ -9,7 +9,7 @@ from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
 from lgd.distiller import LGD
 from lgd.errors import LGDError, TrainingError
 from lgd.solver import Optimization, lr_factor
-from lgd.train_loop import train
+from lgd.training import train
 
 
 def _final_state(cfg):

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd import checkpoint, train_loop
+from lgd import checkpoint, training
 from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
 from lgd.config import save_config
 from lgd.distiller import LGD
 from lgd.errors import TrainingError
-from lgd.hooks import StopSignals, TrainingInterrupted, ignore_stop_signals
+from lgd.signals import StopSignals, TrainingInterrupted, ignore_stop_signals
 from lgd.step import Stepper
-from lgd.train_loop import train
+from lgd.training import train
 
 REPO = Path(__file__).parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -205,7 +205,7 @@ def test_an_unwritable_or_full_output_dir_is_reported_before_training(tiny_confi
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    monkeypatch.setattr(train_loop, "build_dataset", never)
+    monkeypatch.setattr(training, "build_dataset", never)
     with pytest.raises(TrainingError, match=r"output_dir .*a_file/run is not writable \(Not a directory\)"):
         train(tiny_config(f"output_dir={blocker / 'run'}"), progress=False)
     monkeypatch.undo()
@@ -265,7 +265,7 @@ def test_a_process_that_trained_with_loader_workers_exits(tiny_config, tmp_path)
     forever while train() left its workers, which ignore SIGTERM, for multiprocessing to stop at exit."""
     config = tmp_path / "workers.yaml"
     save_config(tiny_config("data.workers=1", "solver.max_iter=2", "checkpoint_period=2"), config)
-    script = ("from lgd.config import load_config; from lgd.train_loop import train; "
+    script = ("from lgd.config import load_config; from lgd.training import train; "
               f"train(load_config({str(config)!r}), progress=False)")
     try:
         done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True,
