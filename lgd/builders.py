@@ -88,7 +88,7 @@ def to_device(images: list[Tensor], targets: list[dict], device: torch.device) -
     return images, targets
 
 
-def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tuple[nn.Module, CocoDetection]:
+def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tuple[Trainable, CocoDetection]:
     """The model a run trained (``weights`` or ``output_dir/model_final.pth``) and the split's evaluation dataset."""
     dataset = build_dataset(cfg, split, train=False)
     model = build_model(cfg, dataset.num_classes)

@@ -36,6 +36,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch (and CUDA) generator states."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -43,6 +44,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what ``rng_state`` returned (CUDA's only where there is CUDA)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -114,6 +116,7 @@ def checkpoint_bytes(model: nn.Module, opt: Optimization) -> int:
 
 
 def check_free_space(out: Path, needed: int) -> None:
+    """Raises TrainingError when ``out``'s file system has fewer than ``needed`` bytes free."""
     free = shutil.disk_usage(out).free
     if free < needed:
         raise TrainingError(
@@ -123,6 +126,7 @@ def check_free_space(out: Path, needed: int) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, on the CPU. Raises LGDError for a missing, truncated or foreign file."""
     if not path.is_file():
         raise LGDError(f"checkpoint not found: {path}")
     try:

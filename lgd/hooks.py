@@ -1,9 +1,8 @@
 """The training loop's hooks, one per concern.
 
-The ``Trainer`` (lgd/train_loop.py) calls every hook around every step, on every rank, in the order given:
-``ModelSchedule`` (the model's windows), ``NanPolicy`` (a non-finite step: stop or skip), ``MetricsWriter``,
-``PeriodicEval``, ``StopOnSignal`` (SIGINT/SIGTERM: checkpoint and stop), ``PeriodicCheckpoint``. A hook that takes
-part in a collective (averaged metrics, evaluation, checkpoints) does so on all ranks; only rank 0 writes or prints.
+The ``Trainer`` (lgd/train_loop.py) calls every hook around every step, on every rank, in the order that
+lgd/training.py gives: ``ModelSchedule`` (the model's windows), ``NanPolicy`` (a non-finite step: stop or skip),
+``MetricsWriter``, ``PeriodicEval``, ``StopOnSignal`` (SIGINT/SIGTERM: checkpoint and stop), ``PeriodicCheckpoint``.
 """
 from __future__ import annotations
 

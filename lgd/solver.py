@@ -137,7 +137,8 @@ class Optimization:
 
 
 def build_optimization(groups: list[OptimizerGroup], s: SolverConfig) -> Optimization:
-    """One optimizer per group, in order (``make_optimizer``), each scheduled by ``lr_factor``, clipped as ``s`` says."""
+    """One SGD optimizer per group, in order (``make_optimizer``), each scheduled by ``lr_factor`` and clipped as
+    the solver config ``s`` says."""
     optimizers = [
         make_optimizer(g.modules, s.base_lr if g.lr is None else g.lr, s.momentum if g.momentum is None else g.momentum,
                        s.weight_decay if g.weight_decay is None else g.weight_decay, s.weight_decay_norm,

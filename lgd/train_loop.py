@@ -63,6 +63,7 @@ class Trainer:
 
     @property
     def done(self) -> int:
+        """Iterations completed once this step is: what metrics and checkpoints are numbered by."""
         return self.iteration + 1
 
     def say(self, message: str) -> None:

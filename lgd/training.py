@@ -1,7 +1,6 @@
-"""Training: ``train(cfg)`` builds a run from the config — datasets, model, optimizers, resumed state, hooks —,
-lets the ``Trainer`` (lgd/train_loop.py) run its iterations, and ends it with ``model_final.pth`` and an evaluation
-on val. Launched by torchrun, every process runs ``train`` with the same config and they train one model together
-(lgd/distributed.py).
+"""A training run: ``train(cfg)`` builds it from the config (datasets, model, optimizers, resumed state, hooks),
+lets the ``Trainer`` (lgd/train_loop.py) run the iterations, and ends it with ``model_final.pth``, an evaluation
+on val, the curves and ``eval_val.txt``.
 """
 from __future__ import annotations
 
@@ -47,6 +46,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
 
 
 def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str, Any]:
+    """``train`` in this process; the order of the steps up to the data loader is that of the random streams."""
     out = Path(cfg.output_dir)
     train_set, val_set = _prepare(cfg, ctx, out)
     model = build_model(cfg, train_set.num_classes)

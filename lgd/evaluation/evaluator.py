@@ -18,6 +18,7 @@ from lgd.distributed import Context
 from lgd.evaluation import EvalResult, auto_metric, detections_to_coco, evaluate_detections, save_results
 from lgd.trainable import Trainable
 
+
 def split_metric(cfg: Config, split: str) -> str:
     """The metric a split is evaluated with: ``data.metric``, or when "auto" the one its format is reported with."""
     s = getattr(cfg.data, split)
