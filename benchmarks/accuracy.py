@@ -51,8 +51,10 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     import torch
 
     from lgd.atomic import atomic_write_text
+    from lgd.builders import load_trained, resolve_device
     from lgd.config import load_config
-    from lgd.engine import evaluate, load_trained, resolve_device, train
+    from lgd.evaluation.evaluator import evaluate
+    from lgd.training import train
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -83,7 +85,7 @@ def calibrate_one(config: str, overrides: list[str]) -> float:
     import torch
 
     from lgd.config import load_config
-    from lgd.engine import train
+    from lgd.training import train
 
     torch.set_num_threads(1)
     cfg = load_config(config, overrides + [f"solver.max_iter={CALIBRATION_STEPS}", "log_period=5", "eval_period=0",
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--budget needs --iters, the schedule lengths to choose from")
 
     from lgd.config import load_config
-    from lgd.engine import split_paths
+    from lgd.builders import split_paths
     from lgd.plots import plot_ap_curves
 
     began = time.perf_counter()

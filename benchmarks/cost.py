@@ -31,7 +31,7 @@ import torch
 from lgd.config import LGDConfig, ModelConfig, load_config
 from lgd.detectors import build_detector, set_test_size
 from lgd.distiller import LGD
-from lgd.engine import make_optimizer
+from lgd.solver import make_optimizer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -144,8 +144,8 @@ def teacher_share(model: LGD, batch, repeats: int) -> float:
     """Median time of the teacher's own forward and backward on this batch (student features precomputed)."""
     images, targets = batch
     with torch.no_grad():
-        image_list, t = model.detector.preprocess(images, [dict(x) for x in targets])
-        features = model.detector.features(image_list)
+        image_list, t = model.view.preprocess(images, [dict(x) for x in targets])
+        features = model.view.features(image_list)
     features = {k: v.requires_grad_() for k, v in features.items()}
 
     def run() -> None:

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lgd.config import load_config  # noqa: E402
 from lgd.data import build_train_loader  # noqa: E402
-from lgd.engine import build_dataset, build_model, build_optimisation, seed_everything, to_device  # noqa: E402
+from lgd.builders import build_dataset, build_model, seed_everything, to_device  # noqa: E402
+from lgd.solver import build_optimization  # noqa: E402
 
 
 def _rms(levels) -> list[float]:
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(cfg.seed)
     dataset = build_dataset(cfg, "train", train=True)
     model = build_model(cfg, dataset.num_classes).train()
-    opt = build_optimisation(model, cfg)
-    student = model.student if cfg.lgd.enabled else model
+    opt = build_optimization(model.optimizer_groups(), cfg.solver)
+    student = model.student
     bbox_reg = student.head.regression_head.bbox_reg
     seen: dict[str, list] = {"fpn": [], "alive": []}
     student.backbone.register_forward_hook(lambda m, a, out: seen["fpn"].append(list(out.values())))
@@ -58,8 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         for it in range(args.iters):
             seen["fpn"].clear(), seen["alive"].clear(), teacher_maps.clear()
             images, targets = to_device(*next(loader), torch.device("cpu"))
-            if cfg.lgd.enabled:
-                model.set_iteration(it)
+            model.set_iteration(it)
             losses = model(images, targets)
             groups = {
                 "student": sum(v for k, v in losses.items() if not k.startswith("teacher/") and k != "loss_distill"),

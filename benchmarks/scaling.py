@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lgd.config import load_config
-from lgd.engine import train
+from lgd.training import train
 
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"

@@ -20,7 +20,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     _no_progress(p)
 
 
+# Longer than our ~60-line rule on purpose: one declarative table of every command and option, read top to bottom.
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lgd`` argument parser: one subcommand per entry of ``COMMANDS``."""
     parser = argparse.ArgumentParser(
         prog="lgd",
         description="Train, evaluate, export and use torchvision detectors with label-guided self-distillation (LGD).",
@@ -127,7 +129,8 @@ def _print_result(result, title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lgd.engine import TrainingInterrupted, train
+    from lgd.signals import TrainingInterrupted
+    from lgd.training import train
 
     cfg = _load(args)
     try:
@@ -144,7 +147,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lgd.engine import FINAL, evaluate, load_trained, resolve_device
+    from lgd.builders import load_trained, resolve_device
+    from lgd.checkpoint import FINAL
+    from lgd.evaluation.evaluator import evaluate
 
     cfg = _load(args)
     weights = Path(args.weights or Path(cfg.output_dir) / FINAL)
@@ -163,18 +168,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lgd.engine import load_trained, student_of
+    from lgd.builders import load_trained
     from lgd.export import export_student
 
     cfg = _load(args)
     model, dataset = load_trained(cfg, "train", args.weights)
-    out = export_student(student_of(model), cfg.model, dataset.class_names, dataset.cat_ids, dataset.label_offset,
+    out = export_student(model.student, cfg.model, dataset.class_names, dataset.cat_ids, dataset.label_offset,
                          Path(args.out or Path(cfg.output_dir) / "student.pth"))
-    print(f"exported the student ({type(student_of(model)).__name__}, no LGD modules) to {out}")
+    print(f"exported the student ({type(model.student).__name__}, no LGD modules) to {out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lgd.engine import resolve_device
+    from lgd.builders import resolve_device
     from lgd.export import load_student
     from lgd.predict import predict
 
@@ -193,9 +198,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
+    from lgd.builders import split_paths
     from lgd.detectors import build_detector
     from lgd.distiller import LGD
-    from lgd.engine import split_paths
 
     cfg = _load(args)
     k = args.num_classes
@@ -243,9 +248,9 @@ def cmd_data(args: argparse.Namespace) -> None:
         write_coco(data, Path(args.out))
         print(f"wrote {describe(data)} to {args.out}\ntrain with: data.train.root={root} data.train.ann={args.out}")
     elif args.data_command == "stats":
+        from lgd.builders import split_paths
         from lgd.data import CocoDetection
         from lgd.data.stats import dataset_stats, plot_stats
-        from lgd.engine import split_paths
 
         cfg = _load(args)
         stats = dataset_stats(CocoDetection(*split_paths(cfg, args.split)).coco.dataset)
@@ -260,7 +265,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    from lgd.engine import load_trained, resolve_device
+    from lgd.builders import load_trained, resolve_device
     from lgd.feature_maps import find_image, visualize_features
 
     cfg = _load(args)

@@ -14,7 +14,11 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from lgd.atomic import atomic_write_text
+from lgd.detectors.views import ARCHS
 from lgd.errors import ConfigError
+from lgd.evaluation import METRICS
+from lgd.teacher.descriptors import CLASS_FORMATS
+from lgd.teacher.relation import ATTENTION_PATTERNS
 
 
 def _f(default: Any, help: str) -> Any:
@@ -144,19 +148,21 @@ class Config:
     lgd: LGDConfig = field(default_factory=LGDConfig, metadata={"help": "label-guided self-distillation"})
 
 
+# The values a string key may take. Archs, metrics, class formats and attention patterns are defined where they
+# are implemented and read from there.
 CHOICES: dict[str, tuple[str, ...]] = {
     **{f"data.{split}.format": ("coco", "voc", "yolo", "crowdhuman") for split in ("train", "val", "test")},
     "data.crowdhuman_box": ("full", "visible", "head"),
-    "data.metric": ("auto", "coco", "voc", "voc07", "crowdhuman"),
-    "model.arch": ("retinanet", "fcos", "fasterrcnn", "maskrcnn"),
+    "data.metric": ("auto", *METRICS),
+    "model.arch": ARCHS,
     "model.norm": ("frozen_bn", "bn", "gn"),
     "model.head_norm": ("none", "gn"),
     "solver.schedule": ("multistep", "cosine"),
     "solver.clip_type": ("value", "norm", "none"),
     "solver.amp": ("none", "bf16", "fp16"),
     "solver.nan_policy": ("stop", "skip"),
-    "lgd.class_format": ("one_hot", "norm_classes"),
-    "lgd.attention": ("student_guided", "label_guided", "student_fill", "teacher_fill"),
+    "lgd.class_format": CLASS_FORMATS,
+    "lgd.attention": ATTENTION_PATTERNS,
 }
 
 

@@ -17,8 +17,10 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from lgd.config import LGDConfig
-from lgd.detectors import DetectorAdapter, Targets, adapter_for
+from lgd.detectors import DetectorView, Targets, view_of
+from lgd.solver import OptimizerGroup
 from lgd.teacher import ImplicitTeacher, TeacherOutput
+from lgd.trainable import Trainable
 
 
 class FeatureAdapter(nn.Module):
@@ -71,7 +73,7 @@ def _padded_masks(targets: Targets, size: tuple[int, int]) -> list[Tensor]:
     return out
 
 
-class LGD(nn.Module):
+class LGD(Trainable):
     """Label-guided self-distillation wrapped around a torchvision RetinaNet, FCOS, Faster or Mask R-CNN.
 
     Args:
@@ -92,31 +94,33 @@ class LGD(nn.Module):
         super().__init__()
         cfg = config or LGDConfig()
         self.student = detector
-        self.detector: DetectorAdapter = adapter_for(detector)
-        self.detector.teacher_trains_head = cfg.teacher_trains_head
+        self.view: DetectorView = view_of(detector)  # how LGD reaches into the student: features, heads
+        self.view.teacher_trains_head = cfg.teacher_trains_head
         if num_classes is None:
-            num_classes = _predicted_classes(detector) - self.detector.label_offset
-        ref = self.detector.reference
+            num_classes = _predicted_classes(detector) - self.view.label_offset
+        ref = self.view.reference
         self.context_box = ref["context_box"] if cfg.context_box is None else cfg.context_box
         self.detach_appearance = ref["detach_appearance"] if cfg.detach_appearance is None else cfg.detach_appearance
         self.mask_guided = cfg.mask_guided
         self.teacher = ImplicitTeacher(
             num_classes,
-            channels=self.detector.channels,
+            channels=self.view.channels,
             context_box=self.context_box,
             class_format=cfg.class_format,
             attention=cfg.attention,
             detach_appearance=self.detach_appearance,
             mask_guided=cfg.mask_guided,
         )
-        self.adapter = FeatureAdapter(self.detector.channels)
+        self.adapter = FeatureAdapter(self.view.channels)
         self.num_classes = num_classes
         self.distill_weight = cfg.distill_weight
         self.pre_distill_iters = cfg.pre_distill_iters
         self.post_distill_iters = cfg.post_distill_iters
         self.freeze_backbone_iters = cfg.freeze_backbone_iters
         self.max_iter = max_iter
-        self._body_trainable = [p for p in self.detector.backbone_body.parameters() if p.requires_grad]
+        self.teacher_lr, self.teacher_momentum = cfg.teacher_lr, cfg.teacher_momentum
+        self.teacher_weight_decay = cfg.teacher_weight_decay
+        self._body_trainable = [p for p in self.view.backbone_body.parameters() if p.requires_grad]
         self.iteration = 0
 
     def set_iteration(self, iteration: int) -> None:
@@ -136,8 +140,19 @@ class LGD(nn.Module):
         post = self.post_distill_iters and self.iteration > self.max_iter - self.post_distill_iters
         return self.iteration < self.pre_distill_iters or bool(post)
 
+    def optimizer_groups(self) -> list[OptimizerGroup]:
+        """Two optimizers, as in the paper: the student's (detector and adapter, the solver's settings) and the
+        teacher's (``lgd.teacher_lr``, ``teacher_momentum``, ``teacher_weight_decay``)."""
+        return [OptimizerGroup([self.student, self.adapter]),
+                OptimizerGroup([self.teacher], self.teacher_lr, self.teacher_momentum, self.teacher_weight_decay)]
+
+    def may_leave_parameters_unused(self, start: int, images_may_lack_objects: bool) -> bool:
+        """LGD's frozen-backbone window still ahead, or a teacher without context box on a rank whose images may
+        all lack objects. Everything else in the student, adapter and teacher takes part in every step's loss."""
+        return start < self.freeze_backbone_iters or (not self.context_box and images_may_lack_objects)
+
     def student_parameters(self) -> list[nn.Parameter]:
-        """What the student optimiser updates: the detector and the adapter."""
+        """What the student optimizer updates: the detector and the adapter."""
         return list(self.student.parameters()) + list(self.adapter.parameters())
 
     def teacher_parameters(self) -> list[nn.Parameter]:
@@ -148,15 +163,15 @@ class LGD(nn.Module):
             return self.student(images)
         if targets is None:
             raise ValueError("LGD needs targets in training mode")
-        image_list, targets = self.detector.preprocess(images, targets)
-        features = self.detector.features(image_list)
+        image_list, targets = self.view.preprocess(images, targets)
+        features = self.view.features(image_list)
         # the labels show up in torch.profiler traces (benchmarks/profile_step.py)
         with record_function("lgd.teacher"):
             teacher = self.teach(image_list.tensors.shape[-2:], features, targets)
         index = teacher.has_objects.nonzero().flatten()
         t_feats = teacher.features if len(index) == len(targets) else [t[index] for t in teacher.features]
         with record_function("lgd.heads"):
-            student_losses, teacher_losses = self.detector.losses(
+            student_losses, teacher_losses = self.view.losses(
                 image_list, targets, features, t_feats if len(index) else None, index
             )
         losses = dict(student_losses)
@@ -167,7 +182,7 @@ class LGD(nn.Module):
 
     def teach(self, size: torch.Size, features: "OrderedDict[str, Tensor]", targets: Targets) -> TeacherOutput:
         """The implicit teacher's features for a batch already in the detector's padded frame."""
-        classes = [t["labels"] - self.detector.label_offset for t in targets]
+        classes = [t["labels"] - self.view.label_offset for t in targets]
         masks = _padded_masks(targets, tuple(size)) if self.mask_guided else None
         return self.teacher(list(features.values()), [t["boxes"] for t in targets], classes, tuple(size), masks)
 
@@ -189,11 +204,11 @@ class LGD(nn.Module):
         teach; below, distilling it pulls the student down (docs/method.md, section 9).
         """
         original_sizes = [tuple(img.shape[-2:]) for img in images]
-        image_list, targets = self.detector.preprocess(images, targets)
-        features = self.detector.features(image_list)
+        image_list, targets = self.view.preprocess(images, targets)
+        features = self.view.features(image_list)
         teacher = self.teach(image_list.tensors.shape[-2:], features, targets)
         t_features = OrderedDict(zip(features.keys(), teacher.features))
-        return self.detector.detect(image_list, t_features, original_sizes)
+        return self.view.detect(image_list, t_features, original_sizes)
 
 
 def _predicted_classes(detector: nn.Module) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lgd.checkpoint import atomic_save
 from lgd.config import ModelConfig
 from lgd.detectors import set_test_size
 from lgd.errors import LGDError
@@ -34,8 +35,6 @@ def export_student(
     out: Path,
 ) -> Path:
     """Write the student alone (a copy on the CPU, in eval mode, at the test scale)."""
-    from lgd.engine import atomic_save
-
     model = copy.deepcopy(student).cpu().eval()
     set_test_size(model, model_cfg)
     payload = {

@@ -17,11 +17,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
+from lgd.builders import to_device
 from lgd.config import Config
 from lgd.data import CocoDetection
-from lgd.detectors import OneStageAdapter, set_test_size
+from lgd.detectors import set_test_size
+from lgd.detectors.views import OneStageView
 from lgd.distiller import LGD
-from lgd.engine import to_device
 from lgd.errors import DatasetError, LGDError
 from lgd.visualize import class_color
 
@@ -41,8 +42,8 @@ def feature_energies(model: LGD, image: Tensor, target: dict[str, Tensor]) -> tu
     Returns:
         (student, teacher): lists over levels of (h_l, w_l) float CPU tensors, the channel-wise L2 norm.
     """
-    image_list, targets = model.detector.preprocess([image], [dict(target)])
-    features = model.detector.features(image_list)
+    image_list, targets = model.view.preprocess([image], [dict(target)])
+    features = model.view.features(image_list)
     padded = image_list.tensors.shape[-2:]
     teacher = model.teach(padded, features, targets).features
     h, w = image_list.image_sizes[0]
@@ -56,7 +57,7 @@ def feature_energies(model: LGD, image: Tensor, target: dict[str, Tensor]) -> tu
 
 def level_names(model: LGD, count: int) -> list[str]:
     """P3.. for RetinaNet / FCOS, P2.. for the R-CNNs."""
-    first = 3 if isinstance(model.detector, OneStageAdapter) else 2
+    first = 3 if isinstance(model.view, OneStageView) else 2
     return [f"P{first + i}" for i in range(count)]
 
 
@@ -127,10 +128,10 @@ def find_image(dataset: CocoDetection, image: str | None) -> int:
     raise DatasetError(f"{dataset.ann_file}: no image with id or file name '{image}'")
 
 
-def visualize_features(model: torch.nn.Module, dataset: CocoDetection, index: int, cfg: Config,
+def visualize_features(model: LGD, dataset: CocoDetection, index: int, cfg: Config,
                        device: torch.device, out: Path) -> Path:
     """Write the student-versus-teacher PNG of sample ``index`` of an evaluation dataset."""
-    if not isinstance(model, LGD):
+    if not cfg.lgd.enabled:
         raise LGDError("the teacher's maps need an LGD model (this run has lgd.enabled=false)")
     model.eval()
     set_test_size(model.student, cfg.model)
@@ -139,7 +140,7 @@ def visualize_features(model: torch.nn.Module, dataset: CocoDetection, index: in
     tensors = {k: v for k, v in targets[0].items() if isinstance(v, Tensor)}  # boxes, labels (masks)
     student, teacher = feature_energies(model, images[0], tensors)
     info = dataset.image_info(index)
-    classes = (targets[0]["labels"] - model.detector.label_offset).tolist()
+    classes = (targets[0]["labels"] - model.view.label_offset).tolist()
     return render_feature_maps(
         image.as_subclass(Tensor), targets[0]["boxes"].cpu(), classes, dataset.class_names, student, teacher,
         level_names(model, len(student)), out, f"{info['file_name']} (image id {info['id']}): ground truth",

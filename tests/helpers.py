@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from lgd.config import LGDConfig, ModelConfig
-from lgd.detectors import ARCH_ADAPTERS, build_detector
+from lgd.detectors import VIEWS, build_detector
 from lgd.distiller import LGD
 
 ARCHS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
@@ -25,7 +25,7 @@ def tiny_lgd(arch: str, num_classes: int = 3, **lgd_options) -> LGD:
 def batch(arch: str, objects: tuple[int, ...] = (2, 1), size: int = 64, seed: int = 0):
     """Images and targets in the detector's label convention, with masks for Mask R-CNN."""
     g = torch.Generator().manual_seed(seed)
-    offset = ARCH_ADAPTERS[arch].label_offset
+    offset = VIEWS[arch].label_offset
     images, targets = [], []
     for n in objects:
         images.append(torch.rand(3, size, size, generator=g))

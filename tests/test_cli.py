@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lgd.builders import build_model
+from lgd.checkpoint import load_model_weights
 from lgd.cli import build_parser, main
 from lgd.config import save_config
-from lgd.engine import build_model, load_model_weights, train
 from lgd.export import load_student
+from lgd.training import train
 
 
 def test_every_subcommand_has_help(capsys):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lgd.config import ModelConfig
-from lgd.detectors import adapter_for, build_detector
+from lgd.detectors import build_detector, view_of
 from lgd.errors import WeightsError
 
 from helpers import ARCHS, batch, tiny_detector
@@ -25,17 +25,17 @@ def test_each_detector_trains_a_few_iterations_with_finite_losses(arch):
 
 
 @pytest.mark.parametrize("arch", ["retinanet", "fcos", "fasterrcnn"])
-def test_adapter_inference_from_features_equals_the_detector(arch):
-    """The adapter's detect() is what the teacher diagnostic uses: on the student's own features it must be
+def test_view_inference_from_features_equals_the_detector(arch):
+    """The view's detect() is what the teacher diagnostic uses: on the student's own features it must be
     the detector's own inference."""
     model = tiny_detector(arch).eval()
     model.transform.min_size = (64,)
     images, _ = batch(arch)
-    adapter = adapter_for(model)
+    view = view_of(model)
     with torch.no_grad():
         expected = model(images)
-        image_list, _ = adapter.preprocess(images, None)
-        got = adapter.detect(image_list, adapter.features(image_list), [tuple(i.shape[-2:]) for i in images])
+        image_list, _ = view.preprocess(images, None)
+        got = view.detect(image_list, view.features(image_list), [tuple(i.shape[-2:]) for i in images])
     for e, g in zip(expected, got):
         assert torch.equal(e["boxes"], g["boxes"]) and torch.equal(e["labels"], g["labels"])
 

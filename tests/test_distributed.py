@@ -12,8 +12,9 @@ from lgd import distributed
 from lgd.config import save_config
 from lgd.data.loader import ShardedBatchSampler, TrainBatchSampler
 from lgd.distributed import Context
-from lgd.engine import FINAL, _check_runtime, load_checkpoint, train
+from lgd.checkpoint import FINAL, load_checkpoint
 from lgd.errors import ConfigError
+from lgd.training import _check_runtime, train
 
 REPO = Path(__file__).parent.parent
 # GroupNorm everywhere: batch statistics would differ between one batch of 4 and two of 2 by design.

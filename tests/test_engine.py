@@ -1,22 +1,26 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from lgd import engine
-from lgd.engine import CHECKPOINT, FINAL, load_checkpoint, lr_factor, train
+from lgd import checkpoint
+from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
+from lgd.distiller import LGD
 from lgd.errors import LGDError, TrainingError
+from lgd.solver import Optimization, lr_factor
+from lgd.training import train
 
 
 def _final_state(cfg):
-    return load_checkpoint(engine.Path(cfg.output_dir) / FINAL)["model"]
+    return load_checkpoint(Path(cfg.output_dir) / FINAL)["model"]
 
 
 @pytest.mark.parametrize("lgd_enabled", [True, False])
 def test_training_writes_outputs_and_logs_every_loss_term(tiny_config, lgd_enabled):
     cfg = tiny_config(f"lgd.enabled={str(lgd_enabled).lower()}")
     out = train(cfg, progress=False)
-    run = engine.Path(cfg.output_dir)
+    run = Path(cfg.output_dir)
     for name in (CHECKPOINT, FINAL, "config.yaml", "metrics.jsonl", "loss.png", "detections_val.json", "eval_val.txt"):
         assert (run / name).is_file(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -33,7 +37,7 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
     train(uninterrupted, progress=False)
 
     interrupted = tiny_config(f"output_dir={tmp_path / 'b'}")
-    real_step = engine.Optimisation.step
+    real_step = Optimization.step
     calls = {"n": 0}
 
     def crash_on_third(self, scaler=None):
@@ -42,11 +46,11 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_step(self, scaler)
 
-    monkeypatch.setattr(engine.Optimisation, "step", crash_on_third)
+    monkeypatch.setattr(Optimization, "step", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         train(interrupted, progress=False)
     assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["iteration"] == 2
-    monkeypatch.setattr(engine.Optimisation, "step", real_step)
+    monkeypatch.setattr(Optimization, "step", real_step)
     train(interrupted, resume=True, progress=False)
 
     a, b = _final_state(uninterrupted), _final_state(interrupted)
@@ -69,14 +73,14 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tiny_config, t
 
 
 def test_a_nan_loss_stops_training_with_a_clear_message(tiny_config, monkeypatch):
-    real = engine.LGD.forward
+    real = LGD.forward
 
     def poisoned(self, images, targets=None):
         losses = real(self, images, targets)
         losses["loss_distill"] = losses["loss_distill"] * float("nan")
         return losses
 
-    monkeypatch.setattr(engine.LGD, "forward", poisoned)
+    monkeypatch.setattr(LGD, "forward", poisoned)
     with pytest.raises(TrainingError, match=r"iteration 0: non-finite loss terms \['loss_distill'\]"):
         train(tiny_config(), progress=False)
 
@@ -95,16 +99,16 @@ def test_warmup_and_multistep_schedule():
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     target = tmp_path / "ck.pth"
-    engine.atomic_save({"x": 1}, target)
+    checkpoint.atomic_save({"x": 1}, target)
 
     def broken_save(obj, path):
         with open(path, "wb") as fh:
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(engine.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
     with pytest.raises(OSError):
-        engine.atomic_save({"x": 2}, target)
+        checkpoint.atomic_save({"x": 2}, target)
     monkeypatch.undo()
     assert torch.load(target)["x"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]

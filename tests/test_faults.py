@@ -13,10 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd import engine
+from lgd import checkpoint, training
+from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
 from lgd.config import save_config
-from lgd.engine import CHECKPOINT, FINAL, StopSignals, TrainingInterrupted, load_checkpoint, train
+from lgd.distiller import LGD
 from lgd.errors import TrainingError
+from lgd.signals import StopSignals, TrainingInterrupted, ignore_stop_signals
+from lgd.step import Stepper
+from lgd.training import train
 
 REPO = Path(__file__).parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -91,10 +95,10 @@ def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_run(tiny_confi
 KILLED_WRITE = """
 import os, signal, sys, torch
 from pathlib import Path
-from lgd import engine
+from lgd import checkpoint
 
 out = Path(sys.argv[1])
-engine.save_checkpoint({"iteration": 1}, out, 1, keep=3)
+checkpoint.save_checkpoint({"iteration": 1}, out, 1, keep=3)
 
 def dying_save(obj, path):
     with open(path, "wb") as f:
@@ -103,7 +107,7 @@ def dying_save(obj, path):
     os.kill(os.getpid(), signal.SIGKILL)
 
 torch.save = dying_save
-engine.save_checkpoint({"iteration": 2}, out, 2, keep=3)
+checkpoint.save_checkpoint({"iteration": 2}, out, 2, keep=3)
 """
 
 
@@ -115,7 +119,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert not (tmp_path / "model_0000002.pth").exists()
     leftovers = list(tmp_path.glob(".model_0000002.pth.*.tmp"))
     assert len(leftovers) == 1 and leftovers[0].read_bytes() == b"half a checkpoint"
-    engine.prepare_output_dir(tmp_path)  # what the next run does first
+    checkpoint.prepare_output_dir(tmp_path)  # what the next run does first
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "model_0000001.pth"]
 
 
@@ -131,7 +135,7 @@ def test_the_first_signal_asks_to_stop_and_a_second_interrupts():
 
 
 def _poison(monkeypatch, iteration: int) -> None:
-    real = engine.LGD.forward
+    real = LGD.forward
 
     def poisoned(self, images, targets=None):
         losses = real(self, images, targets)
@@ -139,7 +143,7 @@ def _poison(monkeypatch, iteration: int) -> None:
             losses["loss_distill"] = losses["loss_distill"] * float("nan")
         return losses
 
-    monkeypatch.setattr(engine.LGD, "forward", poisoned)
+    monkeypatch.setattr(LGD, "forward", poisoned)
 
 
 def test_a_nan_loss_stops_with_the_iteration_terms_and_a_debug_checkpoint(tiny_config, monkeypatch):
@@ -175,7 +179,7 @@ def test_nan_policy_skip_leaves_the_model_alone_and_logs_the_step(tiny_config, m
 
 
 def test_a_nan_gradient_behind_finite_losses_is_caught_before_any_optimiser_steps(tiny_config, monkeypatch):
-    real = engine.LGD.forward
+    real = LGD.forward
 
     def nan_gradient(self, images, targets=None):
         losses = real(self, images, targets)
@@ -183,7 +187,7 @@ def test_a_nan_gradient_behind_finite_losses_is_caught_before_any_optimiser_step
             losses["loss_distill"] = losses["loss_distill"] + (self.adapter.layers[0].bias * 0).sum().sqrt() * 0
         return losses
 
-    monkeypatch.setattr(engine.LGD, "forward", nan_gradient)
+    monkeypatch.setattr(LGD, "forward", nan_gradient)
     cfg = tiny_config("checkpoint_period=1")
     with pytest.raises(TrainingError, match=r"iteration 1: non-finite gradients of adapter.layers.0.bias on "
                                             r"images \[\d+, \d+\] \(finite losses\)"):
@@ -201,7 +205,7 @@ def test_an_unwritable_or_full_output_dir_is_reported_before_training(tiny_confi
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    monkeypatch.setattr(engine, "build_dataset", never)
+    monkeypatch.setattr(training, "build_dataset", never)
     with pytest.raises(TrainingError, match=r"output_dir .*a_file/run is not writable \(Not a directory\)"):
         train(tiny_config(f"output_dir={blocker / 'run'}"), progress=False)
     monkeypatch.undo()
@@ -209,15 +213,15 @@ def test_an_unwritable_or_full_output_dir_is_reported_before_training(tiny_confi
     def one_mib_free(path):
         return types.SimpleNamespace(total=2**40, used=2**40 - 2**20, free=2**20)
 
-    monkeypatch.setattr(engine.shutil, "disk_usage", one_mib_free)
-    monkeypatch.setattr(engine.Stepper, "__call__", never)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", one_mib_free)
+    monkeypatch.setattr(Stepper, "__call__", never)
     cfg = tiny_config()
     with pytest.raises(TrainingError, match=r"has 1 MiB free, but this run needs about \d+ MiB for its checkpoints"):
         train(cfg, progress=False)
 
 
 def test_a_failed_checkpoint_write_stops_with_the_previous_checkpoint_intact(tiny_config, monkeypatch):
-    real, calls = engine.atomic_save, []
+    real, calls = checkpoint.atomic_save, []
 
     def disk_full_on_second(obj, path):
         calls.append(path)
@@ -225,7 +229,7 @@ def test_a_failed_checkpoint_write_stops_with_the_previous_checkpoint_intact(tin
             raise OSError(errno.ENOSPC, "No space left on device")
         real(obj, path)
 
-    monkeypatch.setattr(engine, "atomic_save", disk_full_on_second)
+    monkeypatch.setattr(checkpoint, "atomic_save", disk_full_on_second)
     cfg = tiny_config()
     with pytest.raises(TrainingError, match=r"cannot write checkpoint .*model_0000004.pth \(No space left on "
                                             r"device\); the previous checkpoint .*last.pth is intact"):
@@ -246,11 +250,9 @@ def test_the_newest_k_checkpoints_are_kept_and_last_is_the_newest(tiny_config):
 
 def test_loader_workers_leave_stop_signals_to_the_main_process():
     """A SIGTERM sent to every process (pkill, a scheduler) must not kill a worker under the step being finished."""
-    from lgd.engine import _ignore_stop_signals
-
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _ignore_stop_signals(0)
+        ignore_stop_signals(0)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
@@ -263,7 +265,7 @@ def test_a_process_that_trained_with_loader_workers_exits(tiny_config, tmp_path)
     forever while train() left its workers, which ignore SIGTERM, for multiprocessing to stop at exit."""
     config = tmp_path / "workers.yaml"
     save_config(tiny_config("data.workers=1", "solver.max_iter=2", "checkpoint_period=2"), config)
-    script = ("from lgd.config import load_config; from lgd.engine import train; "
+    script = ("from lgd.config import load_config; from lgd.training import train; "
               f"train(load_config({str(config)!r}), progress=False)")
     try:
         done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True,

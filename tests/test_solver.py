@@ -1,18 +1,18 @@
-"""The reference's optimisation: element-wise gradient clipping per optimiser, weight decay on every parameter."""
+"""The reference's optimization: element-wise gradient clipping per optimizer, weight decay on every parameter."""
 import pytest
 import torch
 from torch import nn
 
 from lgd.config import load_config
-from lgd.engine import Optimisation, build_optimisation, make_optimizer
+from lgd.solver import Optimization, build_optimization, make_optimizer
 from lgd.errors import ConfigError
 
 from helpers import tiny_detector, tiny_lgd
 
 
-def _optimisation(params: list[nn.Parameter], clip_type: str, clip_value: float = 1.0) -> Optimisation:
+def _optimization(params: list[nn.Parameter], clip_type: str, clip_value: float = 1.0) -> Optimization:
     opt = torch.optim.SGD(params, lr=1.0)
-    return Optimisation([opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)], clip_type, clip_value)
+    return Optimization([opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0)], clip_type, clip_value)
 
 
 @pytest.mark.parametrize("clip_type, expected", [
@@ -24,7 +24,7 @@ def test_gradient_clipping_types(clip_type, expected):
     p = nn.Parameter(torch.zeros(4))
     p.grad = torch.tensor([-3.0, 0.5, 4.0, -0.25])
     norm = float(torch.linalg.vector_norm(p.grad))
-    _optimisation([p], clip_type).step()
+    _optimization([p], clip_type).step()
     step = -p.detach()  # SGD with lr 1 and no momentum moves by exactly minus the (clipped) gradient
     if clip_type == "norm":
         expected = [v * 5.0 / norm for v in expected]
@@ -35,15 +35,15 @@ def test_value_clipping_leaves_a_large_gradient_of_small_elements_alone():
     """The reference's clip is per element: a gradient of norm 50 made of elements below 1 is not rescaled."""
     p = nn.Parameter(torch.zeros(10_000))
     p.grad = torch.full((10_000,), 0.5)
-    _optimisation([p], "value").step()
+    _optimization([p], "value").step()
     assert torch.equal(-p.detach(), torch.full((10_000,), 0.5))
 
 
-def test_each_optimiser_is_clipped_on_its_own():
+def test_each_optimizer_is_clipped_on_its_own():
     a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
     a.grad, b.grad = torch.tensor([30.0, 40.0]), torch.tensor([0.3, 0.4])
     opts = [torch.optim.SGD([a], lr=1.0), torch.optim.SGD([b], lr=1.0)]
-    Optimisation(opts, [torch.optim.lr_scheduler.LambdaLR(o, lambda it: 1.0) for o in opts], "norm", 1.0).step()
+    Optimization(opts, [torch.optim.lr_scheduler.LambdaLR(o, lambda it: 1.0) for o in opts], "norm", 1.0).step()
     assert torch.allclose(-a.detach(), torch.tensor([0.6, 0.8]))
     assert torch.allclose(-b.detach(), torch.tensor([0.3, 0.4]))  # norm 0.5: untouched by a's large gradient
 
@@ -74,15 +74,15 @@ def test_weight_decay_of_norms_and_biases_is_an_option():
                 assert decay[id(p)] == 1e-4
 
 
-def test_lgd_run_builds_two_clipped_optimisers_from_the_config(tiny_config):
+def test_lgd_run_builds_two_clipped_optimizers_from_the_config(tiny_config):
     cfg = tiny_config()
     assert (cfg.solver.clip_type, cfg.solver.clip_value) == ("value", 1.0)
     model = tiny_lgd("retinanet")
-    optimisation = build_optimisation(model, cfg)
-    assert len(optimisation.optimizers) == 2
-    assert (optimisation.clip_type, optimisation.clip_value) == ("value", 1.0)
+    optimization = build_optimization(model.optimizer_groups(), cfg.solver)
+    assert len(optimization.optimizers) == 2
+    assert (optimization.clip_type, optimization.clip_value) == ("value", 1.0)
     teacher = {id(p) for p in model.teacher_parameters()}
-    assert teacher == set(_decay_of(optimisation.optimizers[1]))
+    assert teacher == set(_decay_of(optimization.optimizers[1]))
 
 
 def test_the_replaced_norm_clipping_key_says_what_to_write(tmp_path):

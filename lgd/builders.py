@@ -1,0 +1,96 @@
+"""From a config to what a run works with: the device and seeds, the datasets (built-in or converted), the model
+(LGD, or Baseline for ``lgd.enabled=false``), a trained model read back; and batches moved onto the device."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lgd.checkpoint import FINAL, load_model_weights
+from lgd.config import Config
+from lgd.data import CocoDetection, build_transforms, ensure_builtin_dataset
+from lgd.data.formats import cached_conversion
+from lgd.data.synthetic import default_cache_dir
+from lgd.detectors import VIEWS, build_detector
+from lgd.distiller import LGD
+from lgd.errors import LGDError
+from lgd.trainable import Baseline, Trainable
+
+def resolve_device(name: str) -> torch.device:
+    """The ``device`` setting as a torch device ("auto": CUDA when there is one). Raises LGDError for CUDA
+    requested where there is none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LGDError(f"device={name} was requested but CUDA is not available here; use device=cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators: initialisation and augmentation follow ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def split_paths(cfg: Config, split: str) -> tuple[Path, Path]:
+    """(image root, COCO annotation file) of a split; the built-in dataset (generated once) when none is given.
+
+    VOC, YOLO and CrowdHuman splits are converted to COCO JSON once, cached in the cache folder.
+    """
+    s = getattr(cfg.data, split)
+    syn = cfg.data.synth
+    cache_dir = Path(syn.cache_dir) if syn.cache_dir else default_cache_dir()
+    if s.format != "coco":
+        return cached_conversion(s.format, Path(s.root), s.ann, cfg.data.names_file, cfg.data.crowdhuman_box, cache_dir)
+    if s.root:
+        return Path(s.root), Path(s.ann)
+    root = ensure_builtin_dataset(
+        cache_dir,
+        seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, size=syn.size,
+    )
+    return root / split, root / "annotations" / f"instances_{split}.json"
+
+
+def build_dataset(cfg: Config, split: str, train: bool) -> CocoDetection:
+    """A split as a dataset in the detector's label convention; ``train``: augmented, images without objects
+    dropped when ``data.filter_empty``."""
+    root, ann = split_paths(cfg, split)
+    return CocoDetection(
+        root,
+        ann,
+        transforms=build_transforms(train, cfg.data.hflip_prob),
+        label_offset=VIEWS[cfg.model.arch].label_offset,
+        with_masks=cfg.model.arch == "maskrcnn",
+        filter_empty=train and cfg.data.filter_empty,
+    )
+
+
+def build_model(cfg: Config, num_classes: int) -> Trainable:
+    """The student, wrapped in LGD, or in Baseline when ``lgd.enabled`` is false."""
+    detector = build_detector(cfg.model, num_classes)
+    if not cfg.lgd.enabled:
+        return Baseline(detector)
+    return LGD(detector, num_classes=num_classes, config=cfg.lgd, max_iter=cfg.solver.max_iter)
+
+
+def to_device(images: list[Tensor], targets: list[dict], device: torch.device) -> tuple[list[Tensor], list[dict]]:
+    """Plain tensors on the device (tv_tensors unwrapped: torchvision's detectors expect plain ones)."""
+    images = [img.as_subclass(Tensor).to(device, non_blocking=True) for img in images]
+    targets = [
+        {k: (v.as_subclass(Tensor).to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in t.items()}
+        for t in targets
+    ]
+    return images, targets
+
+
+def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tuple[Trainable, CocoDetection]:
+    """The model a run trained (``weights`` or ``output_dir/model_final.pth``) and the split's evaluation dataset."""
+    dataset = build_dataset(cfg, split, train=False)
+    model = build_model(cfg, dataset.num_classes)
+    load_model_weights(model, Path(weights) if weights else Path(cfg.output_dir) / FINAL)
+    return model, dataset

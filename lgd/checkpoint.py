@@ -1,0 +1,206 @@
+"""Checkpoints: what a run saves and how it comes back — atomic writes, the newest K kept, RNG state for exact
+resume, the free-space and writability checks made before training, and loading weights into a model."""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lgd import distributed
+from lgd.atomic import atomic_write
+from lgd.config import Config, config_from_dict, flatten, to_dict
+from lgd.distributed import Context
+from lgd.errors import LGDError, TrainingError
+from lgd.solver import Optimization
+from lgd.trainable import Trainable
+
+CHECKPOINT = "last.pth"  # always the newest checkpoint (a hard link to the newest numbered one where possible)
+FINAL = "model_final.pth"
+NUMBERED = re.compile(r"model_(\d{7})\.pth")
+# Keys that may change between a run and its --resume: where and how fast it runs, not what it computes.
+RUNTIME_KEYS = ("device", "threads", "data.workers", "keep_checkpoints", "checkpoint_period", "log_period",
+                "eval_period", "solver.nan_policy")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save, atomically: a crash never leaves half a checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch (and CUDA) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what ``rng_state`` returned (CUDA's only where there is CUDA)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng_state(saved: Any, ctx: Context) -> None:
+    """Continue this rank's random streams from a checkpoint's ``rng`` (one state per rank, or one state)."""
+    # A run resumed on another number of processes continues from rank 0's.
+    set_rng_state(saved[ctx.rank] if isinstance(saved, list) and len(saved) == ctx.world_size
+                  else saved[0] if isinstance(saved, list) else saved)
+
+
+def _link_or_copy(source: Path, dest: str) -> None:
+    """``dest`` becomes ``source``'s contents: a hard link (no extra disk space), or a copy where links fail."""
+    os.unlink(dest)
+    try:
+        os.link(source, dest)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(source, dest)
+
+
+def save_checkpoint(state: dict[str, Any], out: Path, iteration: int, keep: int) -> Path:
+    """Write ``model_<iteration>.pth`` and point ``last.pth`` at it, both atomically; keep the newest ``keep``.
+
+    A kill at any moment leaves ``last.pth`` either the previous checkpoint or this one, whole. Numbered
+    checkpoints newer than ``iteration`` come from an abandoned run (one killed after it wrote them and
+    resumed from an older ``last.pth``) and are deleted, so the folder holds this run's history only.
+    """
+    path = out / f"model_{iteration:07d}.pth"
+    try:
+        atomic_save(state, path)
+        atomic_write(out / CHECKPOINT, lambda tmp: _link_or_copy(path, tmp))
+    except OSError as e:
+        raise TrainingError(f"cannot write checkpoint {path} ({e.strerror or e}); the previous checkpoint "
+                            f"{out / CHECKPOINT} is intact. Free space in {out} and continue with --resume") from None
+    numbered = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := NUMBERED.fullmatch(p.name)))
+    history = [p for it, p in numbered if it <= iteration]
+    for stale in [p for it, p in numbered if it > iteration] + history[:-keep]:
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def prepare_output_dir(out: Path) -> None:
+    """Create ``out`` and prove it writable before any work starts; remove temporaries that killed writes left.
+
+    Raises TrainingError naming the folder and the reason, so an unwritable folder is reported before the
+    dataset is read or a model built, not at the first checkpoint hours later.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".lgd-write-test.", suffix=".tmp") as probe:
+            probe.write(b"lgd")
+            probe.flush()
+    except OSError as e:
+        raise TrainingError(f"output_dir {out} is not writable ({e.strerror or e}); choose another output_dir "
+                            "or fix its permissions") from None
+    for leftover in out.glob(".*.tmp"):  # temporaries of killed writes (atomic_write, the probe above)
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+
+
+def checkpoint_bytes(model: nn.Module, opt: Optimization) -> int:
+    """Size of one checkpoint: the model's state plus one SGD momentum buffer per trainable parameter."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    momentum = sum(p.numel() * p.element_size() for o in opt.optimizers for g in o.param_groups for p in g["params"])
+    return state + momentum
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Raises TrainingError when ``out``'s file system has fewer than ``needed`` bytes free."""
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise TrainingError(
+            f"output_dir {out} has {free / 2**20:.0f} MiB free, but this run needs about {needed / 2**20:.0f} MiB "
+            "for its checkpoints (the newest and the one being written); free space or choose another output_dir"
+        )
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, on the CPU. Raises LGDError for a missing, truncated or foreign file."""
+    if not path.is_file():
+        raise LGDError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise LGDError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def load_model_weights(model: Trainable, path: Path) -> dict[str, Any]:
+    """Load a training checkpoint (LGD or plain) into ``model`` (LGD or Baseline); returns the checkpoint.
+
+    LGD's state names the student's tensors ``student.*``; a plain detector's state is the student's alone.
+    Whole LGD states go into LGD models, and otherwise the student's part into the student.
+    """
+    ckpt = load_checkpoint(path)
+    state = ckpt["model"]
+    if _is_lgd_state(state) and _is_lgd_state(model.state_dict()):
+        model.load_state_dict(state)
+    elif _is_lgd_state(state):
+        model.student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+    else:
+        model.student.load_state_dict(state)
+    return ckpt
+
+
+def _is_lgd_state(state: dict[str, Any]) -> bool:
+    return any(k.startswith("student.") for k in state)
+
+
+def load_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
+    """The checkpoint to resume from; it must have been trained with ``cfg`` (runtime keys aside)."""
+    if not path.is_file():
+        raise LGDError(f"--resume: no checkpoint at {path}; start without --resume")
+    ckpt = load_checkpoint(path)
+    saved, now = flatten(to_dict(config_from_dict(ckpt["config"]))), flatten(to_dict(cfg))
+    differ = [k for k, v in now.items() if k not in RUNTIME_KEYS and saved[k] != v]
+    if differ:
+        raise LGDError(f"--resume: the config differs from the one {path} was trained with ({', '.join(differ)}); "
+                       f"resume with -c {path.parent / 'config.yaml'}")
+    return ckpt
+
+
+class Checkpointer:
+    """Writes one run's checkpoints into ``out``. Every rank calls ``save`` (each adds its RNG state); rank 0 writes.
+
+    A checkpoint holds the model's state, the optimization's (optimizers and schedules), the iteration, every
+    rank's RNG state, the config and, under fp16, the gradient scaler's state: all that an exact resume needs.
+    """
+
+    def __init__(self, out: Path, model: nn.Module, optimization: Optimization, scaler: torch.amp.GradScaler,
+                 cfg: Config, ctx: Context) -> None:
+        self.out, self.model, self.optimization, self.scaler = out, model, optimization, scaler
+        self.cfg, self.ctx = cfg, ctx
+
+    def save(self, it: int) -> Path:
+        """``model_<it>.pth``, linked as ``last.pth`` (``save_checkpoint``); returns its path."""
+        rngs = distributed.all_gather_list(self.ctx, rng_state())
+        state = {"model": self.model.state_dict(), "optimisation": self.optimization.state_dict(), "iteration": it,
+                 "rng": rngs, "config": to_dict(self.cfg)}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return distributed.share_from_main(self.ctx, lambda: save_checkpoint(state, self.out, it,
+                                                                             self.cfg.keep_checkpoints))
+
+    def save_debug(self, it: int, losses_per_rank: list[dict[str, float]], image_ids: list[Any]) -> Path:
+        """The state before the failed step (no parameter changed), with every rank's loss values."""
+        path = self.out / f"nan_debug_{it:07d}.pth"
+        state = {"model": self.model.state_dict(), "optimisation": self.optimization.state_dict(), "iteration": it,
+                 "losses_per_rank": losses_per_rank, "image_ids": image_ids, "config": to_dict(self.cfg)}
+        distributed.share_from_main(self.ctx, lambda: atomic_save(state, path))
+        return path
+
+    def save_final(self, it: int) -> None:
+        """``model_final.pth``: the trained model's state alone (rank 0)."""
+        if self.ctx.is_main:
+            atomic_save({"model": self.model.state_dict(), "iteration": it, "config": to_dict(self.cfg)},
+                        self.out / FINAL)

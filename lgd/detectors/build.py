@@ -1,0 +1,110 @@
+"""torchvision detectors built from the config: ResNet-FPN backbone, RetinaNet / FCOS / Faster / Mask R-CNN."""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+from torch import nn
+from torchvision import models
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.ops import misc as misc_ops
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from lgd.detectors.weights import load_into
+from lgd.errors import ConfigError
+
+if TYPE_CHECKING:  # only annotations: lgd.config imports this package for the model.arch choices
+    from lgd.config import ModelConfig
+
+
+def _norm_layer(norm: str):
+    if norm == "frozen_bn":
+        return misc_ops.FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    return functools.partial(nn.GroupNorm, 32)
+
+
+def build_backbone(cfg: ModelConfig, one_stage: bool) -> BackboneWithFPN:
+    """ResNet-FPN: P3-P7 (P6/P7 from P5) for one-stage detectors, P2-P6 (max-pool P6) for R-CNNs."""
+    resnet = getattr(models, f"resnet{cfg.depth}")(weights=None, norm_layer=_norm_layer(cfg.norm))
+    if cfg.backbone_weights:
+        load_into(resnet, cfg.backbone_weights, "model.backbone_weights", strict=False)
+    if not 0 <= cfg.trainable_layers <= 5:
+        raise ConfigError(f"model.trainable_layers must be in 0..5, got {cfg.trainable_layers}")
+    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: cfg.trainable_layers]
+    if cfg.trainable_layers == 5:
+        trainable.append("bn1")
+    for name, p in resnet.named_parameters():
+        if not any(name.startswith(layer) for layer in trainable):
+            p.requires_grad_(False)
+    stages = [2, 3, 4] if one_stage else [1, 2, 3, 4]
+    widths = {1: 64, 2: 128, 3: 256, 4: 512} if cfg.depth in (18, 34) else {1: 256, 2: 512, 3: 1024, 4: 2048}
+    c = cfg.fpn_channels
+    extra = LastLevelP6P7(c, c) if one_stage else LastLevelMaxPool()
+    return BackboneWithFPN(
+        resnet,
+        return_layers={f"layer{k}": str(i) for i, k in enumerate(stages)},
+        in_channels_list=[widths[k] for k in stages],
+        out_channels=c,
+        extra_blocks=extra,
+    )
+
+
+def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """A plain torchvision detector for ``num_classes`` foreground classes.
+
+    RetinaNet/FCOS predict ``num_classes`` outputs (labels 0..K-1); the R-CNNs add a background class
+    (labels 1..K). ``VIEWS[arch].label_offset`` tells which.
+    """
+    if num_classes <= 0:
+        raise ConfigError(f"the dataset has no categories (num_classes={num_classes})")
+    one_stage = cfg.arch in ("retinanet", "fcos")
+    backbone = build_backbone(cfg, one_stage)
+    sizes = dict(
+        min_size=tuple(cfg.min_size),
+        max_size=cfg.max_size,
+        detections_per_img=cfg.detections_per_img,
+    )
+    if cfg.arch == "retinanet":
+        octave = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in cfg.anchor_sizes)
+        anchors = AnchorGenerator(octave, ((0.5, 1.0, 2.0),) * len(octave))
+        model: nn.Module = RetinaNet(backbone, num_classes, score_thresh=cfg.score_thresh, anchor_generator=anchors,
+                                     **sizes)
+        if cfg.head_norm == "gn":
+            model.head = RetinaNetHead(
+                backbone.out_channels,
+                model.anchor_generator.num_anchors_per_location()[0],
+                num_classes,
+                norm_layer=functools.partial(nn.GroupNorm, 32),
+            )
+    elif cfg.arch == "fcos":
+        model = FCOS(backbone, num_classes, score_thresh=cfg.score_thresh, **sizes)
+    elif cfg.arch in ("fasterrcnn", "maskrcnn"):
+        anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
+        rcnn_args = dict(
+            box_score_thresh=cfg.score_thresh, rpn_anchor_generator=anchors, box_batch_size_per_image=cfg.roi_batch_size,
+            rpn_pre_nms_top_n_train=cfg.rpn_proposals_train, rpn_post_nms_top_n_train=cfg.rpn_proposals_train,
+            rpn_pre_nms_top_n_test=cfg.rpn_proposals_test, rpn_post_nms_top_n_test=cfg.rpn_proposals_test, **sizes,
+        )
+        if cfg.arch == "fasterrcnn":
+            model = FasterRCNN(backbone, num_classes + 1, **rcnn_args)
+        else:
+            m = cfg.mask_head_channels
+            model = MaskRCNN(backbone, num_classes + 1, **rcnn_args)
+            model.roi_heads.mask_head = MaskRCNNHeads(backbone.out_channels, (m,) * 4, 1)
+            model.roi_heads.mask_predictor = MaskRCNNPredictor(m, m, num_classes + 1)
+    else:
+        raise ConfigError(f"unknown model.arch '{cfg.arch}'")
+    if cfg.weights:
+        load_into(model, cfg.weights, "model.weights", strict=False)
+    return model
+
+
+def set_test_size(model: nn.Module, cfg: ModelConfig) -> None:
+    """Evaluation uses one scale: test_min_size, or the largest training scale."""
+    model.transform.min_size = (cfg.test_min_size or max(cfg.min_size),)

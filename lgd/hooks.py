@@ -1,0 +1,127 @@
+"""The training loop's hooks, one per concern.
+
+The ``Trainer`` (lgd/train_loop.py) calls every hook around every step, on every rank, in the order that
+lgd/training.py gives: ``ModelSchedule`` (the model's windows), ``NanPolicy`` (a non-finite step: stop or skip),
+``MetricsWriter``, ``PeriodicEval``, ``StopOnSignal`` (SIGINT/SIGTERM: checkpoint and stop), ``PeriodicCheckpoint``.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from typing import Callable, Optional
+
+from lgd import distributed
+from lgd.checkpoint import Checkpointer
+from lgd.errors import TrainingError
+from lgd.evaluation import EvalResult
+from lgd.events import MetricsLog
+from lgd.signals import TrainingInterrupted
+from lgd.train_loop import Hook, Trainer
+
+
+class ModelSchedule(Hook):
+    """The model's schedule windows follow the iteration (LGD: distillation windows, frozen backbone)."""
+
+    def before_step(self, trainer: Trainer) -> None:
+        trainer.model.set_iteration(trainer.iteration)
+
+
+class NanPolicy(Hook):
+    """A non-finite loss or gradient (``solver.nan_policy``): ``stop`` writes ``nan_debug_NNNNNNN.pth`` (the
+    state before the step, with every rank's loss values) and raises TrainingError; ``skip`` logs the step as
+    skipped and moves the schedule on."""
+
+    def __init__(self, policy: str, checkpointer: Checkpointer, log: Optional[MetricsLog]) -> None:
+        self.policy = policy
+        self.checkpointer = checkpointer
+        self.log = log
+
+    def after_failed_step(self, trainer: Trainer) -> None:
+        step, it = trainer.result, trainer.iteration
+        message = step.problem(it)
+        if self.policy == "skip":
+            trainer.optimization.advance()
+            if self.log is not None:
+                self.log.skip(trainer.done, step.bad_terms, step.bad_gradients, step.image_ids)
+                trainer.say(f"lgd: {message} Step skipped (solver.nan_policy=skip).")
+            return
+        debug = self.checkpointer.save_debug(it, step.bad_values, step.image_ids)
+        raise TrainingError(
+            f"{message} Training stopped so that nothing trains on NaN; lower solver.base_lr, raise "
+            "solver.warmup_iters or check these images' annotations (solver.nan_policy=skip skips such "
+            f"steps instead). The state before this step and its loss values are in {debug}; the last "
+            "checkpoint is intact; resume with --resume."
+        )
+
+
+class MetricsWriter(Hook):
+    """Every ``period`` iterations and at the last: the loss terms averaged over ranks, the total loss, the
+    learning rates and the seconds per iteration, to metrics.jsonl / TensorBoard and the progress bar."""
+
+    def __init__(self, log: Optional[MetricsLog], period: int) -> None:
+        self.log = log
+        self.period = period
+        self.last = time.perf_counter()
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.last = time.perf_counter()
+
+    def after_step(self, trainer: Trainer) -> None:
+        done, step = trainer.done, trainer.result
+        if done % self.period and done != trainer.max_iter:
+            return
+        values = distributed.mean_over_ranks(trainer.ctx, {k: float(v) for k, v in step.losses.items()})
+        if self.log is not None:
+            now = time.perf_counter()
+            lrs = trainer.optimization.lrs()
+            self.log.train(done, values, float(step.total), lrs, (now - self.last) / self.period)
+            self.last = now
+            trainer.bar.set_postfix(loss=f"{float(step.total):.3f}", lr=f"{lrs[0]:.2g}")
+
+
+class PeriodicEval(Hook):
+    """Every ``period`` iterations (0: never) before the last: ``evaluate(desc)`` on val, logged and printed.
+    The last iteration's evaluation is the run's final one (lgd/train_loop.py)."""
+
+    def __init__(self, evaluate: Callable[..., Optional[EvalResult]], log: Optional[MetricsLog], period: int) -> None:
+        self.evaluate = evaluate
+        self.log = log
+        self.period = period
+
+    def after_step(self, trainer: Trainer) -> None:
+        done = trainer.done
+        if not self.period or done % self.period or done >= trainer.max_iter:
+            return
+        result = self.evaluate(desc=f"eval@{done}")
+        if self.log is not None:
+            self.log.eval(done, "val", result.metrics)
+            trainer.say(f"iter {done}: val {result.headline} {result.metrics[result.headline]:.2f}")
+
+
+class StopOnSignal(Hook):
+    """After a step during which some rank received SIGINT/SIGTERM: a checkpoint, then TrainingInterrupted."""
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def after_step(self, trainer: Trainer) -> None:
+        done = trainer.done
+        if trainer.result.stop and done < trainer.max_iter:
+            signum = trainer.signals.received or signal.SIGTERM  # none here: another rank's, reported as SIGTERM
+            raise TrainingInterrupted(signum, done, self.checkpointer.save(done), trainer.ctx.is_main)
+
+
+class PeriodicCheckpoint(Hook):
+    """A checkpoint every ``period`` iterations and after the last one."""
+
+    def __init__(self, checkpointer: Checkpointer, period: int) -> None:
+        self.checkpointer = checkpointer
+        self.period = period
+
+    def after_step(self, trainer: Trainer) -> None:
+        done = trainer.done
+        if done % self.period == 0 and done < trainer.max_iter:
+            self.checkpointer.save(done)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.checkpointer.save(trainer.max_iter)

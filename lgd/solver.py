@@ -1,0 +1,149 @@
+"""Optimization: SGD optimizers over parameter groups, gradient clipping, the learning-rate schedule.
+
+A model says which optimizers it wants (``optimizer_groups()``: LGD trains the teacher with an optimizer of its
+own, as the paper does); ``build_optimization`` makes them from the solver config, each with the same schedule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from lgd.config import SolverConfig
+
+
+@dataclass
+class OptimizerGroup:
+    """The modules one SGD optimizer updates; a hyper-parameter left None is the solver config's."""
+
+    modules: list[nn.Module]
+    lr: Optional[float] = None
+    momentum: Optional[float] = None
+    weight_decay: Optional[float] = None
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def make_optimizer(modules: Iterable[nn.Module], lr: float, momentum: float, weight_decay: float,
+                   weight_decay_norm: Optional[float] = None,
+                   weight_decay_bias: Optional[float] = None) -> torch.optim.SGD:
+    """SGD over every trainable parameter, each once.
+
+    Weight decay is ``weight_decay`` on every parameter, as in the reference's optimizer builder
+    (megvii-research/LGD ``utils/build.py``: one group per parameter, all at 1e-4). ``weight_decay_norm`` sets it
+    for normalisation-layer parameters and ``weight_decay_bias`` for biases (detectron2's SOLVER.WEIGHT_DECAY_NORM
+    / _BIAS); None means ``weight_decay``. A norm layer's bias follows ``weight_decay_norm``.
+    """
+    groups: dict[float, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module in modules:
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if not p.requires_grad or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                decay = weight_decay
+                if isinstance(m, _NORMS):
+                    decay = weight_decay if weight_decay_norm is None else weight_decay_norm
+                elif name == "bias" and weight_decay_bias is not None:
+                    decay = weight_decay_bias
+                groups.setdefault(decay, []).append(p)
+    return torch.optim.SGD([{"params": ps, "weight_decay": wd} for wd, ps in groups.items()], lr=lr, momentum=momentum)
+
+
+def lr_factor(it: int, s: SolverConfig) -> float:
+    """Linear warm-up from warmup_factor, then multistep or cosine decay; a pure function of the iteration."""
+    if s.schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * it / s.max_iter))
+    else:
+        factor = s.gamma ** sum(it >= step for step in s.steps)
+    if it < s.warmup_iters:
+        alpha = it / s.warmup_iters
+        factor *= s.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+@dataclass
+class Optimization:
+    """The optimizers (student+adapter; teacher when LGD is on) and their schedules."""
+
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[torch.optim.lr_scheduler.LambdaLR]
+    clip_type: str  # "value" | "norm" | "none", applied to each optimizer's gradients separately
+    clip_value: float
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def step(self, scaler: Optional[torch.amp.GradScaler] = None) -> list[nn.Parameter]:
+        """Clip and step each optimizer on the gradients in place, then advance the schedules.
+
+        Returns the parameters whose gradient is NaN or infinite, and then changes nothing: the check runs
+        before any optimizer steps or clipping spreads the bad value. Under fp16 the ``scaler`` instead
+        unscales each optimizer's gradients and skips the step of one whose gradients overflowed (dynamic loss
+        scaling expects that now and then). An optimizer none of whose parameters has a gradient is left alone,
+        as SGD itself would (its weight decay and momentum only touch parameters with gradients).
+        """
+        scaling = scaler is not None and scaler.is_enabled()
+        active = []
+        for opt in self.optimizers:
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            if params:
+                active.append((opt, params))
+                if scaling:
+                    scaler.unscale_(opt)
+        if not scaling and active:
+            grads = [p.grad for _, params in active for p in params]
+            if not bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for g in grads])).all()):
+                return [p for _, params in active for p in params if not bool(torch.isfinite(p.grad).all())]
+        for opt, params in active:
+            if self.clip_type == "value":
+                torch.nn.utils.clip_grad_value_(params, self.clip_value)
+            elif self.clip_type == "norm":
+                torch.nn.utils.clip_grad_norm_(params, self.clip_value)
+            if scaling:
+                scaler.step(opt)
+            else:
+                opt.step()
+        if scaling:
+            scaler.update()
+        self.advance()
+        return []
+
+    def advance(self) -> None:
+        """Move the schedules one iteration on (also for a skipped step: the rate is a function of the iteration)."""
+        for sched in self.schedulers:
+            sched.step()
+
+    def lrs(self) -> list[float]:
+        return [opt.param_groups[0]["lr"] for opt in self.optimizers]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for o, st in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(st)
+        for s, st in zip(self.schedulers, state["schedulers"]):
+            s.load_state_dict(st)
+
+
+def build_optimization(groups: list[OptimizerGroup], s: SolverConfig) -> Optimization:
+    """One SGD optimizer per group, in order (``make_optimizer``), each scheduled by ``lr_factor`` and clipped as
+    the solver config ``s`` says."""
+    optimizers = [
+        make_optimizer(g.modules, s.base_lr if g.lr is None else g.lr, s.momentum if g.momentum is None else g.momentum,
+                       s.weight_decay if g.weight_decay is None else g.weight_decay, s.weight_decay_norm,
+                       s.weight_decay_bias)
+        for g in groups
+    ]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda it: lr_factor(it, s)) for o in optimizers]
+    return Optimization(optimizers, schedulers, s.clip_type, s.clip_value)
