@@ -49,6 +49,7 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     from lgd.atomic import atomic_write_text
     from lgd.config import load_config
     from lgd.engine import evaluate, load_trained, resolve_device, train
+    from lgd.files import to_json
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -67,7 +68,7 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     if teacher:
         run["teacher_test"] = evaluate(model, test, cfg, device, teacher=True, progress=False, split="test").metrics
     run["wall_s"] = time.perf_counter() - started
-    atomic_write_text(Path(cfg.output_dir) / "result.json", json.dumps(run, indent=1))
+    atomic_write_text(Path(cfg.output_dir) / "result.json", to_json(run, indent=1))
     return run
 
 
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from lgd.config import load_config
     from lgd.engine import split_paths
+    from lgd.files import to_json
     from lgd.plots import plot_ap_curves
 
     began = time.perf_counter()
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
         text = "\n".join(md)
         (out / f"accuracy_{arch}.md").write_text(text)
         print(text)
-    (out / f"accuracy_{'_'.join(args.arch)}.json").write_text(json.dumps(report, indent=1))
+    (out / f"accuracy_{'_'.join(args.arch)}.json").write_text(to_json(report, indent=1))
     return report
 
 

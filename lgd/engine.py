@@ -37,7 +37,10 @@ from lgd.detectors import ARCH_ADAPTERS, build_detector, set_test_size
 from lgd.distiller import LGD
 from lgd.distributed import Context
 from lgd.errors import ConfigError, LGDError, TrainingError
-from lgd.evaluation import EvalResult, auto_metric, detections_to_coco, evaluate_detections, save_results
+from lgd.evaluation import (EvalResult, auto_metric, check_categories, dataset_categories, detections_to_coco,
+                            evaluate_detections, read_categories, save_results)
+from lgd.files import load_torch_file, to_json
+from lgd.summary import training_summary
 
 CHECKPOINT = "last.pth"  # always the newest checkpoint (a hard link to the newest numbered one where possible)
 FINAL = "model_final.pth"
@@ -66,6 +69,10 @@ def split_paths(cfg: Config, split: str) -> tuple[Path, Path]:
     """(image root, COCO annotation file) of a split; the built-in dataset (generated once) when none is given.
 
     VOC, YOLO and CrowdHuman splits are converted to COCO JSON once, cached in the cache folder.
+
+    Raises:
+        ConfigError: the split is not set but the training split is the user's own: the built-in split has
+            other categories, and scoring on it would be silently wrong.
     """
     s = getattr(cfg.data, split)
     syn = cfg.data.synth
@@ -74,6 +81,11 @@ def split_paths(cfg: Config, split: str) -> tuple[Path, Path]:
         return cached_conversion(s.format, Path(s.root), s.ann, cfg.data.names_file, cfg.data.crowdhuman_box, cache_dir)
     if s.root:
         return Path(s.root), Path(s.ann)
+    if cfg.data.train.root:
+        raise ConfigError(f"data.{split} is not set, and the training split is your own dataset "
+                          f"({cfg.data.train.root}); lgd never uses the built-in synthetic {split} split for it. Set "
+                          f"data.{split}.root and data.{split}.ann (e.g. a held-out part of your images; training "
+                          "evaluates on val)")
     root = ensure_builtin_dataset(
         cache_dir,
         seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, size=syn.size,
@@ -233,7 +245,10 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors, lists and numbers, so that checkpoints load with weights_only=True."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # np.random.set_state takes the list back
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -313,17 +328,12 @@ def check_free_space(out: Path, needed: int) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise LGDError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise LGDError(f"cannot read checkpoint {path}: {e}") from None
+    return load_torch_file(path, "checkpoint")
 
 
-def load_model_weights(model: nn.Module, path: Path) -> dict[str, Any]:
-    """Load a training checkpoint (LGD or plain) into ``model`` (LGD or plain student)."""
-    ckpt = load_checkpoint(path)
+def load_model_weights(model: nn.Module, path: Path | dict[str, Any]) -> dict[str, Any]:
+    """Load a training checkpoint (LGD or plain; a file or as loaded) into ``model`` (LGD or plain student)."""
+    ckpt = path if isinstance(path, dict) else load_checkpoint(path)
     state = ckpt["model"]
     if not isinstance(model, LGD) and any(k.startswith("student.") for k in state):
         state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
@@ -348,10 +358,19 @@ def load_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
 
 
 def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tuple[nn.Module, CocoDetection]:
-    """The model a run trained (``weights`` or ``output_dir/model_final.pth``) and the split's evaluation dataset."""
+    """The model a run trained (``weights`` or ``output_dir/model_final.pth``) and the split's evaluation dataset.
+
+    Raises:
+        DatasetError: the split's categories differ from the model's.
+    """
+    path = Path(weights) if weights else Path(cfg.output_dir) / FINAL
     dataset = build_dataset(cfg, split, train=False)
+    ckpt = load_checkpoint(path)
+    # checkpoints written before categories were stored: the config's training split's
+    trained_on = ckpt.get("categories") or read_categories(split_paths(cfg, "train")[1])
+    check_categories(trained_on, dataset, split, f"checkpoint {path}")
     model = build_model(cfg, dataset.num_classes)
-    load_model_weights(model, Path(weights) if weights else Path(cfg.output_dir) / FINAL)
+    load_model_weights(model, ckpt)
     return model, dataset
 
 
@@ -388,7 +407,7 @@ class MetricsLog:
         self._write({"kind": "skip", "iter": it, "terms": terms, "gradients": gradients, "image_ids": image_ids})
 
     def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(to_json(record) + "\n")
         self.file.flush()
 
     def close(self) -> None:
@@ -430,7 +449,7 @@ def evaluate(
     ctx: Optional[Context] = None,
     split: str = "val",
 ) -> Optional[EvalResult]:
-    """AP of the student (or, with ``teacher``, of the head on the teacher's features: an upper bound).
+    """AP of the student (or, with ``teacher``, of the head on the teacher's features: a diagnostic).
 
     The metric is ``split_metric(cfg, split)``: COCO AP, VOC AP50 or CrowdHuman AP50 / MR^-2.
 
@@ -679,6 +698,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     distributed.share_from_main(ctx, lambda: [split_paths(cfg, s) for s in ("train", "val")])
     train_set = build_dataset(cfg, "train", train=True)
     val_set = build_dataset(cfg, "val", train=False)
+    check_categories(dataset_categories(train_set), val_set, "val", f"training split {train_set.ann_file}")
     model = build_model(cfg, train_set.num_classes)
     if cfg.model.sync_bn and ctx.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -700,6 +720,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
         else:
             (out / "metrics.jsonl").unlink(missing_ok=True)
         save_config(cfg, out / "config.yaml")
+        print(training_summary(cfg, ctx, train_set, val_set, model, start), flush=True)
 
     net: nn.Module = model
     if ctx.distributed:
@@ -725,7 +746,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     def checkpoint(it: int) -> Path:
         rngs = distributed.all_gather_list(ctx, rng_state())
         state = {"model": model.state_dict(), "optimisation": opt.state_dict(), "iteration": it, "rng": rngs,
-                 "config": to_dict(cfg)}
+                 "config": to_dict(cfg), "categories": dataset_categories(train_set)}
         if stepper.scaler.is_enabled():
             state["scaler"] = stepper.scaler.state_dict()
         return distributed.share_from_main(ctx, lambda: save_checkpoint(state, out, it, cfg.keep_checkpoints))
@@ -786,8 +807,8 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
             checkpoint(cfg.solver.max_iter)
         bar.close()
         if ctx.is_main:
-            atomic_save({"model": model.state_dict(), "iteration": cfg.solver.max_iter, "config": to_dict(cfg)},
-                        out / FINAL)
+            atomic_save({"model": model.state_dict(), "iteration": cfg.solver.max_iter, "config": to_dict(cfg),
+                         "categories": dataset_categories(train_set)}, out / FINAL)
         result = evaluate(model, val_set, cfg, device, out_file=out / "detections_val.json", progress=progress,
                           desc="eval (val)", ctx=ctx)
         if log is not None:
