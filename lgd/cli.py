@@ -12,7 +12,7 @@ import torchvision
 
 from lgd import __version__
 from lgd.errors import LGDError
-from lgd.evaluation import format_percent
+from lgd.evaluation import EvalResult, format_percent
 from lgd.files import to_json
 
 OVERRIDES_HELP = "config overrides as dotted KEY=VALUE, e.g. solver.max_iter=200 data.train.root=/data/coco/train2017"
@@ -130,12 +130,12 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def _print_result(result, title: str) -> None:
+def _print_result(result: EvalResult, title: str) -> None:
     for iou_type, text in result.summary.items():
         print(f"\n{title} — {iou_type} (percent)\n{text}\n\n{result.table(iou_type)}")
 
 
-def _headline(result) -> str:
+def _headline(result: EvalResult) -> str:
     """E.g. "bbox AP 36.31 %"."""
     return f"{result.headline.replace('/', ' ')} {format_percent(result.metrics[result.headline])}"
 
@@ -189,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(f) for f in written))
 
 
-def _teacher_verdict(student, teacher) -> str:
+def _teacher_verdict(student: EvalResult, teacher: EvalResult) -> str:
     """What the teacher diagnostic's AP against the student's means."""
     s, t = student.metrics[student.headline], teacher.metrics[teacher.headline]
     if t > s:

@@ -331,9 +331,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return load_torch_file(path, "checkpoint")
 
 
-def load_model_weights(model: nn.Module, path: Path | dict[str, Any]) -> dict[str, Any]:
+def load_model_weights(model: nn.Module, checkpoint: Path | dict[str, Any]) -> dict[str, Any]:
     """Load a training checkpoint (LGD or plain; a file or as loaded) into ``model`` (LGD or plain student)."""
-    ckpt = path if isinstance(path, dict) else load_checkpoint(path)
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     state = ckpt["model"]
     if not isinstance(model, LGD) and any(k.startswith("student.") for k in state):
         state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}

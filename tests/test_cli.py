@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import strict_json
 from lgd.cli import build_parser, main
 from lgd.config import save_config
 from lgd.engine import build_model, load_model_weights, train
@@ -84,18 +85,11 @@ def test_export_loads_as_plain_torchvision_and_matches_the_student(tiny_config, 
     assert (tmp_path / "pred" / "a.png").is_file()
 
 
-def _strict_json(text: str):
-    """json.loads that rejects NaN and Infinity, as strict parsers (jq, JavaScript) do."""
-    def reject(constant):
-        raise ValueError(f"not JSON: {constant}")
-    return json.loads(text, parse_constant=reject)
-
-
 def test_eval_and_teacher_diagnostic_from_the_cli(tiny_config, tmp_path, capsys):
     cfg = tiny_config("solver.max_iter=2")
     train(cfg, progress=False)
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
-        record = _strict_json(line)
+        record = strict_json(line)
     assert record["kind"] == "eval" and record["metrics"]["bbox/APl"] is None  # 64 px images: no large objects
     save_config(cfg, tmp_path / "cfg.yaml")
     capsys.readouterr()
@@ -105,17 +99,17 @@ def test_eval_and_teacher_diagnostic_from_the_cli(tiny_config, tmp_path, capsys)
     summary = [line for line in out.splitlines() if line.startswith(" Average")]
     assert len(summary) == 12 and all(line.endswith((" %", "n/a")) for line in summary)
     assert re.search(r"category +\| +AP %", out)
-    report = _strict_json(out.splitlines()[-2])
+    report = strict_json(out.splitlines()[-2])
     assert report["model"] == "student" and report["unit"] == "percent" and report["bbox/APl"] is None
     assert out.splitlines()[-1] == f"wrote {tmp_path / 'run' / 'detections_test_student.json'}"
-    _strict_json((tmp_path / "run" / "detections_test_student.json").read_text())
+    strict_json((tmp_path / "run" / "detections_test_student.json").read_text())
 
     assert main(["eval", "-c", str(tmp_path / "cfg.yaml"), "--teacher", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "TEACHER DIAGNOSTIC" in out and "upper bound" not in out
     lines = out.splitlines()
     assert "(student) |" in lines[-5] and "(teacher diagnostic)" in lines[-5]  # beside the student's AP
-    student, teacher = _strict_json(lines[-3]), _strict_json(lines[-2])
+    student, teacher = strict_json(lines[-3]), strict_json(lines[-2])
     above = teacher["bbox/AP"] > student["bbox/AP"]
     assert lines[-4].startswith("The teacher is above the student") == above
     assert ("so it has something to teach" in lines[-4]) == above and "not a model to deploy" in lines[-4]
@@ -145,6 +139,13 @@ def test_evaluation_refuses_other_categories_and_never_uses_the_builtin_split(ti
         with pytest.raises(LGDError, match=f"val split {tmp_path / name}.json has .* categories"):
             train(tiny_config(f"data.val.ann={tmp_path / name}.json", f"output_dir={tmp_path / 'o'}"), progress=False)
     assert not (tmp_path / "o" / "last.pth").exists()
+    # a checkpoint written before categories were stored in it: compared with the config's training split
+    old = torch.load(Path(cfg.output_dir) / "model_final.pth", weights_only=True)
+    del old["categories"]
+    torch.save(old, tmp_path / "old.pth")
+    assert main(["eval", "-c", str(tmp_path / "cfg.yaml"), "--weights", str(tmp_path / "old.pth"),
+                 f"data.val.ann={tmp_path / 'renamed.json'}"]) == 2
+    assert "old.pth" in capsys.readouterr().err
 
     # the training split is the user's and there is no val split: an error, never the built-in dataset
     cache = tmp_path / "cache"

@@ -1,7 +1,6 @@
 """The files lgd writes: weights-only loadable, strict JSON, permissions from the umask; and the commands that
 tell a user what is there (--version, config, summary offline)."""
 import contextlib
-import json
 import math
 import os
 import stat
@@ -12,6 +11,7 @@ import torch
 import torchvision
 import yaml
 
+from helpers import strict_json
 from lgd import __version__
 from lgd.atomic import atomic_write_text
 from lgd.cli import main
@@ -30,13 +30,6 @@ def umask(mask: int):
         yield
     finally:
         os.umask(previous)
-
-
-def strict_json(text: str):
-    """json.loads that rejects NaN and Infinity, as strict parsers (jq, JavaScript) do."""
-    def reject(constant):
-        raise ValueError(f"not JSON: {constant}")
-    return json.loads(text, parse_constant=reject)
 
 
 def test_to_json_writes_null_for_nan_and_infinity():
