@@ -145,15 +145,18 @@ def onnx_outputs(detector: nn.Module) -> tuple[str, ...]:
 class OnnxParity:
     """How onnxruntime's detections compare with PyTorch's on some images.
 
-    Detections are paired per image by label and nearest box (so that a swap in the order of two equal
-    scores does not count); ``unmatched`` counts those left without a partner (a different number of
-    detections, or a label found on one side only). Differences are maxima over the pairs: boxes in pixels,
-    scores and mask probabilities absolute.
+    Per image, each detection is paired with the other side's detection of the same label whose box is nearest
+    (within ``PAIRING_RADIUS`` pixels), so that two near-equal scores ranked the other way round do not count.
+    Differences are maxima over the pairs: boxes in pixels, scores and mask probabilities absolute. A detection
+    without a partner is ``at_cut`` when its score is within the tolerance of the cut-off that left it out on the
+    other side (the score threshold, or the lowest score kept when the other side kept the most it may): a
+    near-tie decided either way by rounding. Any other is ``unmatched``: a real disagreement.
     """
 
     images: int = 0
     detections: int = 0
     unmatched: int = 0
+    at_cut: int = 0
     boxes: float = 0.0
     scores: float = 0.0
     masks: float = 0.0
@@ -165,7 +168,11 @@ class OnnxParity:
         text = (f"{self.images} images, {self.detections} detections: max |box difference| {self.boxes:.2g} px, "
                 f"max |score difference| {self.scores:.2g}")
         text += f", max |mask difference| {self.masks:.2g}" if self.masks else ""
-        return text + (f", {self.unmatched} detections without a partner" if self.unmatched else ", labels equal")
+        text += f", {self.unmatched} detections without a partner" if self.unmatched else ", labels equal"
+        return text + (f" ({self.at_cut} near-ties at the score cut-off differ)" if self.at_cut else "")
+
+
+PAIRING_RADIUS = 1.0  # pixels: boxes further apart than this are different detections, not one that moved
 
 
 def export_onnx(
@@ -247,30 +254,41 @@ def onnx_parity(onnx_file: str | Path, model: nn.Module, images: Sequence[Tensor
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
+    # the cut-offs: RetinaNet and FCOS hold them themselves, the R-CNNs in their box head
+    head = model if hasattr(model, "score_thresh") else model.roi_heads
+    threshold, limit = float(head.score_thresh), int(head.detections_per_img)
     parity = OnnxParity()
     for image in images:
         with torch.no_grad():
             expected = model([image])[0]
         found = dict(zip(names, (torch.from_numpy(a) for a in session.run(None, {"image": image.numpy()}))))
-        _compare(expected, found, parity)
+        compare_detections(expected, found, threshold, limit, parity)
         parity.images += 1
     return parity
 
 
-def _compare(expected: dict[str, Tensor], found: dict[str, Tensor], parity: OnnxParity) -> None:
-    """Pair ``found`` detections with ``expected`` ones (same label, nearest box) and record the differences."""
+def compare_detections(expected: dict[str, Tensor], found: dict[str, Tensor], threshold: float, limit: int,
+             parity: OnnxParity) -> None:
+    """Pair one image's ``found`` detections with the ``expected`` ones and record the differences; the model
+    keeps detections scoring above ``threshold``, at most ``limit`` of them."""
     parity.detections += len(expected["boxes"])
     free = torch.ones(len(expected["boxes"]), dtype=torch.bool)
+    alone = torch.zeros(len(found["boxes"]), dtype=torch.bool)
     for i in range(len(found["boxes"])):
-        candidates = free & (expected["labels"] == found["labels"][i])
-        if not candidates.any():
-            parity.unmatched += 1
-            continue
         distance = (expected["boxes"] - found["boxes"][i]).abs().amax(dim=1)
+        candidates = free & (expected["labels"] == found["labels"][i]) & (distance <= PAIRING_RADIUS)
+        if not candidates.any():
+            alone[i] = True
+            continue
         j = int(torch.where(candidates, distance, torch.inf).argmin())
         free[j] = False
         parity.boxes = max(parity.boxes, float(distance[j]))
         parity.scores = max(parity.scores, float((expected["scores"][j] - found["scores"][i]).abs()))
         if "masks" in found:
             parity.masks = max(parity.masks, float((expected["masks"][j] - found["masks"][i]).abs().max()))
-    parity.unmatched += int(free.sum())
+    for lone, other in ((found["scores"][alone], expected["scores"]), (expected["scores"][free], found["scores"])):
+        # the other side left it out at a cut-off: below its threshold, or below its lowest kept score when full
+        cut = float(other.min()) if len(other) == limit else threshold
+        near_cut = lone <= cut + ONNX_TOLERANCE
+        parity.at_cut += int(near_cut.sum())
+        parity.unmatched += int((~near_cut).sum())
