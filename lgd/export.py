@@ -169,7 +169,8 @@ class OnnxParity:
                 f"max |score difference| {self.scores:.2g}")
         text += f", max |mask difference| {self.masks:.2g}" if self.masks else ""
         text += f", {self.unmatched} detections without a partner" if self.unmatched else ", labels equal"
-        return text + (f" ({self.at_cut} near-ties at the score cut-off differ)" if self.at_cut else "")
+        text += f" ({self.at_cut} near-ties at the score cut-off differ)" if self.at_cut else ""
+        return text + (" (nothing to compare: no detection above the score threshold)" if not self.detections else "")
 
 
 PAIRING_RADIUS = 1.0  # pixels: boxes further apart than this are different detections, not one that moved
