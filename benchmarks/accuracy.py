@@ -54,6 +54,7 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     from lgd.builders import load_trained, resolve_device
     from lgd.config import load_config
     from lgd.evaluation.evaluator import evaluate
+    from lgd.files import to_json
     from lgd.training import train
 
     torch.set_num_threads(1)
@@ -76,7 +77,7 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     if teacher:
         run["teacher_test"] = evaluate(model, test, cfg, device, teacher=True, progress=False, split="test").metrics
     run["wall_s"] = time.perf_counter() - started
-    atomic_write_text(Path(cfg.output_dir) / "result.json", json.dumps(run, indent=1))
+    atomic_write_text(Path(cfg.output_dir) / "result.json", to_json(run, indent=1))
     return run
 
 
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from lgd.config import load_config
     from lgd.builders import split_paths
+    from lgd.files import to_json
     from lgd.plots import plot_ap_curves
 
     began = time.perf_counter()
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         text = "\n".join(md)
         (out / f"accuracy_{arch}.md").write_text(text)
         print(text)
-    (out / f"accuracy_{'_'.join(args.arch)}.json").write_text(json.dumps(report, indent=1))
+    (out / f"accuracy_{'_'.join(args.arch)}.json").write_text(to_json(report, indent=1))
     return report
 
 

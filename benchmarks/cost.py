@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import multiprocessing
 import os
 import platform
@@ -32,6 +31,7 @@ from lgd.config import LGDConfig, ModelConfig, load_config
 from lgd.detectors import build_detector, set_test_size
 from lgd.distiller import LGD
 from lgd.solver import make_optimizer
+from lgd.files import to_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python benchmarks/cost.py" + (" --quick" if args.quick else ""),
         "steps": steps, "inference": inference, "scaling": scaling,
     }
-    (out / "cost.json").write_text(json.dumps(report, indent=1))
+    (out / "cost.json").write_text(to_json(report, indent=1))
     (out / "cost.md").write_text(markdown(report))
     plot_scaling(scaling, out / "teacher_scaling.png")
     print(markdown(report))

@@ -27,6 +27,7 @@ import torch
 
 from lgd.config import load_config
 from lgd.training import train
+from lgd.files import to_json
 
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         "two_process_speedup": runs["2 processes (torchrun, gloo), fp32"]["images_per_s"] / one,
         "bf16_speedup": runs["1 process, bf16 autocast"]["images_per_s"] / one,
     }
-    (out / "scaling.json").write_text(json.dumps(report, indent=1))
+    (out / "scaling.json").write_text(to_json(report, indent=1))
     (out / "scaling.md").write_text(markdown(report))
     print(markdown(report))
     return report

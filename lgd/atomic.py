@@ -1,21 +1,27 @@
 """Atomic file writes: write a temporary file in the same folder, then rename it into place.
 
-A crash or kill mid-write leaves the previous file intact and no half-written one.
+A crash or kill mid-write leaves the previous file intact and no half-written one. The file gets the
+permissions any new file gets (0666 less the umask, e.g. 0644 under umask 022), not the owner-only 0600 of
+``tempfile.mkstemp``: configs, checkpoints and exports stay readable to whoever may read the folder.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(temporary_path)``, then move the result to ``path``; on any failure remove the temporary."""
+    """Call ``write(temporary_path)``, then move the result to ``path``; on any failure remove the temporary.
+
+    ``write`` finds the temporary file created (empty); it may overwrite or replace it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # O_EXCL: never reuse an existing file; mode 0o666 is masked by the umask, as for any new file.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -10,14 +10,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lgd.checkpoint import FINAL, load_model_weights
+from lgd.checkpoint import FINAL, load_checkpoint, load_model_weights
 from lgd.config import Config
 from lgd.data import CocoDetection, build_transforms, ensure_builtin_dataset
 from lgd.data.formats import cached_conversion
 from lgd.data.synthetic import default_cache_dir
 from lgd.detectors import VIEWS, build_detector
 from lgd.distiller import LGD
-from lgd.errors import LGDError
+from lgd.errors import ConfigError, LGDError
+from lgd.evaluation import check_categories, read_categories
 from lgd.trainable import Baseline, Trainable
 
 def resolve_device(name: str) -> torch.device:
@@ -41,6 +42,10 @@ def split_paths(cfg: Config, split: str) -> tuple[Path, Path]:
     """(image root, COCO annotation file) of a split; the built-in dataset (generated once) when none is given.
 
     VOC, YOLO and CrowdHuman splits are converted to COCO JSON once, cached in the cache folder.
+
+    Raises:
+        ConfigError: the split is not set but the training split is the user's own: the built-in split has
+            other categories, and scoring on it would be silently wrong.
     """
     s = getattr(cfg.data, split)
     syn = cfg.data.synth
@@ -49,6 +54,11 @@ def split_paths(cfg: Config, split: str) -> tuple[Path, Path]:
         return cached_conversion(s.format, Path(s.root), s.ann, cfg.data.names_file, cfg.data.crowdhuman_box, cache_dir)
     if s.root:
         return Path(s.root), Path(s.ann)
+    if cfg.data.train.root:
+        raise ConfigError(f"data.{split} is not set, and the training split is your own dataset "
+                          f"({cfg.data.train.root}); lgd never uses the built-in synthetic {split} split for it. Set "
+                          f"data.{split}.root and data.{split}.ann (e.g. a held-out part of your images; training "
+                          "evaluates on val)")
     root = ensure_builtin_dataset(
         cache_dir,
         seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, size=syn.size,
@@ -89,8 +99,17 @@ def to_device(images: list[Tensor], targets: list[dict], device: torch.device) -
 
 
 def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tuple[Trainable, CocoDetection]:
-    """The model a run trained (``weights`` or ``output_dir/model_final.pth``) and the split's evaluation dataset."""
+    """The model a run trained (``weights`` or ``output_dir/model_final.pth``) and the split's evaluation dataset.
+
+    Raises:
+        DatasetError: the split's categories differ from the model's.
+    """
+    path = Path(weights) if weights else Path(cfg.output_dir) / FINAL
     dataset = build_dataset(cfg, split, train=False)
+    ckpt = load_checkpoint(path)
+    # checkpoints written before categories were stored: the config's training split's
+    trained_on = ckpt.get("categories") or read_categories(split_paths(cfg, "train")[1])
+    check_categories(trained_on, dataset, split, f"checkpoint {path}")
     model = build_model(cfg, dataset.num_classes)
-    load_model_weights(model, Path(weights) if weights else Path(cfg.output_dir) / FINAL)
+    load_model_weights(model, ckpt)
     return model, dataset

@@ -8,7 +8,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from lgd.atomic import atomic_write
 from lgd.config import Config, config_from_dict, flatten, to_dict
 from lgd.distributed import Context
 from lgd.errors import LGDError, TrainingError
+from lgd.files import load_torch_file
 from lgd.solver import Optimization
 from lgd.trainable import Trainable
 
@@ -36,8 +37,11 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy, torch (and CUDA) generator states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's Python, NumPy, torch (and CUDA) generator states, as tensors, lists and numbers, so that
+    checkpoints load with weights_only=True."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # np.random.set_state takes the list back
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -126,22 +130,19 @@ def check_free_space(out: Path, needed: int) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's contents, on the CPU. Raises LGDError for a missing, truncated or foreign file."""
-    if not path.is_file():
-        raise LGDError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise LGDError(f"cannot read checkpoint {path}: {e}") from None
+    """A checkpoint's contents, on the CPU, read with weights_only=True. Raises LGDError for a missing, truncated,
+    foreign or code-carrying file."""
+    return load_torch_file(path, "checkpoint")
 
 
-def load_model_weights(model: Trainable, path: Path) -> dict[str, Any]:
-    """Load a training checkpoint (LGD or plain) into ``model`` (LGD or Baseline); returns the checkpoint.
+def load_model_weights(model: Trainable, checkpoint: Union[Path, dict[str, Any]]) -> dict[str, Any]:
+    """Load a training checkpoint (LGD or plain; a file or as loaded) into ``model`` (LGD or Baseline); returns the
+    checkpoint.
 
     LGD's state names the student's tensors ``student.*``; a plain detector's state is the student's alone.
     Whole LGD states go into LGD models, and otherwise the student's part into the student.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     state = ckpt["model"]
     if _is_lgd_state(state) and _is_lgd_state(model.state_dict()):
         model.load_state_dict(state)
@@ -177,15 +178,16 @@ class Checkpointer:
     """
 
     def __init__(self, out: Path, model: nn.Module, optimization: Optimization, scaler: torch.amp.GradScaler,
-                 cfg: Config, ctx: Context) -> None:
+                 cfg: Config, ctx: Context, categories: dict[str, list]) -> None:
         self.out, self.model, self.optimization, self.scaler = out, model, optimization, scaler
         self.cfg, self.ctx = cfg, ctx
+        self.categories = categories  # the training split's ids and names: evaluation checks a split against them
 
     def save(self, it: int) -> Path:
         """``model_<it>.pth``, linked as ``last.pth`` (``save_checkpoint``); returns its path."""
         rngs = distributed.all_gather_list(self.ctx, rng_state())
         state = {"model": self.model.state_dict(), "optimisation": self.optimization.state_dict(), "iteration": it,
-                 "rng": rngs, "config": to_dict(self.cfg)}
+                 "rng": rngs, "config": to_dict(self.cfg), "categories": self.categories}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         return distributed.share_from_main(self.ctx, lambda: save_checkpoint(state, self.out, it,
@@ -202,5 +204,5 @@ class Checkpointer:
     def save_final(self, it: int) -> None:
         """``model_final.pth``: the trained model's state alone (rank 0)."""
         if self.ctx.is_main:
-            atomic_save({"model": self.model.state_dict(), "iteration": it, "config": to_dict(self.cfg)},
-                        self.out / FINAL)
+            atomic_save({"model": self.model.state_dict(), "iteration": it, "config": to_dict(self.cfg),
+                         "categories": self.categories}, self.out / FINAL)

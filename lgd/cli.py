@@ -7,6 +7,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+import torchvision
+
+from lgd import __version__
+from lgd.errors import LGDError
+from lgd.evaluation import EvalResult, format_percent
+from lgd.files import to_json
+
 OVERRIDES_HELP = "config overrides as dotted KEY=VALUE, e.g. solver.max_iter=200 data.train.root=/data/coco/train2017"
 
 
@@ -27,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lgd",
         description="Train, evaluate, export and use torchvision detectors with label-guided self-distillation (LGD).",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"lgd {__version__} (torch {torch.__version__}, torchvision {torchvision.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a detector (with LGD unless lgd.enabled=false), then evaluate on val",
@@ -41,14 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from output_dir/last.pth exactly where it stopped")
 
     p = sub.add_parser("eval", help="AP of a trained model on a split (COCO, VOC or CrowdHuman metric)",
-                       description="Evaluate a checkpoint: the metric's summary (COCO: 12 numbers), a per-class AP table and the "
-                                   "detections JSON (written next to the checkpoint).")
+                       description="Evaluate a checkpoint: the metric's summary (COCO: 12 numbers), a per-class AP "
+                                   "table, all in percent, and the detections JSON (written next to the checkpoint).")
     _config_args(p)
     p.add_argument("--weights", help="checkpoint to evaluate (default: output_dir/model_final.pth)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"), help="which split (default: val)")
     p.add_argument("--teacher", action="store_true",
-                   help="evaluate the head on the implicit teacher's features instead; it uses the ground truth, "
-                        "so it is an upper bound, not a deployable model")
+                   help="also evaluate the teacher diagnostic, printed beside the student's AP: the head run on the "
+                        "implicit teacher's features, which are built from the ground-truth labels (so it is no "
+                        "deployable model). Above the student, the teacher has something to teach; below, it has not")
 
     p = sub.add_parser("predict", help="detect objects in an image or a folder of images",
                        description="Write detections.json (every detection above the threshold) and one PNG per "
@@ -62,17 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _no_progress(p)
 
-    p = sub.add_parser("export", help="write the student alone: a plain torchvision model plus class metadata",
-                       description="The exported file loads with torch and torchvision alone (see README).")
+    p = sub.add_parser("export", help="write the student alone: weights + metadata, or an ONNX graph",
+                       description="pth: the student's weights and the metadata that rebuilds it as a plain "
+                                   "torchvision detector; loads with torch.load(weights_only=True) (see README). "
+                                   "onnx: one image in, boxes/scores/labels out, checked against PyTorch with "
+                                   "onnxruntime on a few training images (needs pip install 'lgd[onnx]').")
     _config_args(p)
     p.add_argument("--weights", help="checkpoint (default: output_dir/model_final.pth)")
-    p.add_argument("--out", help="output file (default: output_dir/student.pth)")
+    p.add_argument("--format", default="pth", choices=("pth", "onnx"), help="pth (default) or onnx")
+    p.add_argument("--out", help="output file (default: output_dir/student.pth or student.onnx)")
 
     p = sub.add_parser("summary", help="parameter counts of student, teacher and adapter as JSON")
     _config_args(p)
     p.add_argument("--num-classes", type=int, help="K (default: the training dataset's category count)")
 
-    _no_progress(sub.add_parser("config", help="list every config key with its default and meaning"))
+    p = sub.add_parser("config", help="list every config key, or print a resolved config",
+                       description="Without -c or KEY=VALUE: every config key with its default and meaning. With "
+                                   "them: the resolved config (file, its _base_ files and the overrides, over the "
+                                   "defaults) as YAML, as training would write it to config.yaml.")
+    _config_args(p)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="TOOL")
@@ -123,9 +142,14 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
-def _print_result(result, title: str) -> None:
+def _print_result(result: EvalResult, title: str) -> None:
     for iou_type, text in result.summary.items():
-        print(f"\n{title} — {iou_type}\n{text}\n\n{result.table(iou_type)}")
+        print(f"\n{title} — {iou_type} (percent)\n{text}\n\n{result.table(iou_type)}")
+
+
+def _headline(result: EvalResult) -> str:
+    """E.g. "bbox AP 36.31 %"."""
+    return f"{result.headline.replace('/', ' ')} {format_percent(result.metrics[result.headline])}"
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -143,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     result = out["result"]
     _print_result(result, f"{result.name} evaluation on val after {cfg.solver.max_iter} iterations")
-    print(f"\n{result.headline.replace('/', ' ')} {result.metrics[result.headline]:.2f}  (outputs in {cfg.output_dir})")
+    print(f"\nval {_headline(result)}  (outputs in {cfg.output_dir})")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -154,28 +178,63 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cfg = _load(args)
     weights = Path(args.weights or Path(cfg.output_dir) / FINAL)
     device = resolve_device(cfg.device)
+    if args.teacher and not cfg.lgd.enabled:
+        raise LGDError("--teacher: the teacher diagnostic needs an LGD run (lgd.enabled=true); this config trains "
+                       "the plain baseline")
     model, dataset = load_trained(cfg, args.split, weights)
     model.to(device)
-    name = "teacher" if args.teacher else "student"
-    result = evaluate(model, dataset, cfg, device, teacher=args.teacher,
-                      out_file=weights.parent / f"detections_{args.split}_{name}.json",
-                      progress=not args.no_progress, desc=f"eval ({args.split})", split=args.split)
-    title = f"{result.name} evaluation of {weights} on {args.split}"
+    results, written = {}, []
+    for name in ("student", "teacher") if args.teacher else ("student",):
+        out_file = weights.parent / f"detections_{args.split}_{name}.json"
+        results[name] = evaluate(model, dataset, cfg, device, teacher=name == "teacher", out_file=out_file,
+                                 progress=not args.no_progress, desc=f"eval {name} ({args.split})", split=args.split)
+        written.append(out_file)
+    student = results["student"]
+    _print_result(student, f"{student.name} evaluation of {weights} on {args.split}")
     if args.teacher:
-        title += " — TEACHER DIAGNOSTIC: head on teacher features built from ground truth (an upper bound)"
-    _print_result(result, title)
-    print(json.dumps({"split": args.split, "model": name, **result.metrics}))
+        teacher = results["teacher"]
+        _print_result(teacher, f"TEACHER DIAGNOSTIC on {args.split}: the head on the implicit teacher's features, "
+                               "built from the ground-truth labels")
+        print(f"\n{args.split} {_headline(student)} (student) | {_headline(teacher)} (teacher diagnostic)\n"
+              f"{_teacher_verdict(student, teacher)}")
+    else:
+        print(f"\n{args.split} {_headline(student)}")
+    for name, result in results.items():
+        print(to_json({"split": args.split, "model": name, "unit": "percent", **result.metrics}))
+    print("wrote " + ", ".join(str(f) for f in written))
+
+
+def _teacher_verdict(student: EvalResult, teacher: EvalResult) -> str:
+    """What the teacher diagnostic's AP against the student's means."""
+    s, t = student.metrics[student.headline], teacher.metrics[teacher.headline]
+    if t > s:
+        return ("The teacher is above the student: its features serve the detection head better than the student's "
+                "own, so it has something to teach. It is a diagnostic, not a model to deploy: it needs the labels.")
+    return ("The teacher is not above the student: its features serve the detection head no better than the "
+            "student's own, so distilling towards them has nothing to teach (BENCHMARKS.md discusses when this "
+            "happens). It is a diagnostic, not a model to deploy: it needs the labels.")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from lgd.builders import load_trained
-    from lgd.export import export_student
+    from lgd.export import export_onnx, export_student
 
     cfg = _load(args)
     model, dataset = load_trained(cfg, "train", args.weights)
-    out = export_student(model.student, cfg.model, dataset.class_names, dataset.cat_ids, dataset.label_offset,
-                         Path(args.out or Path(cfg.output_dir) / "student.pth"))
-    print(f"exported the student ({type(model.student).__name__}, no LGD modules) to {out}")
+    student = model.student
+    out = Path(args.out or Path(cfg.output_dir) / f"student.{args.format}")
+    meta = (dataset.class_names, dataset.cat_ids, dataset.label_offset)
+    if args.format == "pth":
+        export_student(student, cfg.model, *meta, out)
+        print(f"exported the student ({type(student).__name__}: weights and the metadata that rebuilds it, "
+              f"no LGD modules) to {out}")
+        return
+    # two images of different shapes (where the split has them) show that the graph follows the input size
+    picks = sorted({0, len(dataset) // 2, len(dataset) - 1})
+    images = [dataset[i][0].as_subclass(torch.Tensor) for i in picks]
+    parity = export_onnx(student, cfg.model, *meta, images, out)
+    print(f"exported the student ({type(student).__name__}) as ONNX to {out}\n"
+          f"checked with onnxruntime against PyTorch on {parity}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -199,45 +258,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> None:
     from lgd.builders import split_paths
-    from lgd.detectors import build_detector
-    from lgd.distiller import LGD
+    from lgd.evaluation import read_categories
+    from lgd.summary import parameter_counts
 
     cfg = _load(args)
     k = args.num_classes
     if k is None:
-        _, ann = split_paths(cfg, "train")
-        k = _count_categories(ann)
-    student = build_detector(cfg.model, k)
-    report = {"arch": cfg.model.arch, "num_classes": k, "fpn_channels": cfg.model.fpn_channels,
-              "student": count(student)}
-    lgd = LGD(student, num_classes=k, config=cfg.lgd, max_iter=cfg.solver.max_iter)
-    report.update({
-        "teacher": count(lgd.teacher), "adapter": count(lgd.adapter),
-        "context_box": lgd.context_box, "detach_appearance": lgd.detach_appearance,
-        "class_format": cfg.lgd.class_format, "lgd_enabled": cfg.lgd.enabled,
-        "deployed": count(student),
-    })
-    print(json.dumps(report, indent=2))
-
-
-def count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _count_categories(ann: Path) -> int:
-    from lgd.data.text_io import read_json
-    from lgd.errors import DatasetError
-
-    try:
-        return len(read_json(Path(ann), "annotation file")["categories"])
-    except (TypeError, KeyError) as e:
-        raise DatasetError(f"cannot read categories from {ann}: {e}") from None
+        k = len(read_categories(split_paths(cfg, "train")[1])["ids"])
+    print(to_json(parameter_counts(cfg, k), indent=2))
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from lgd.config import describe
+    from lgd.config import describe, dump_config
 
-    print(describe())
+    if args.config or args.overrides:
+        cfg = _load(args)
+        print(f"# resolved from: {cfg.source}\n{dump_config(cfg)}", end="")
+    else:
+        print(describe())
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -283,8 +321,6 @@ COMMANDS = {
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from lgd.errors import LGDError
-
     args = build_parser().parse_args(argv)
     try:
         status = COMMANDS[args.command](args)

@@ -9,7 +9,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -147,6 +147,10 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig, metadata={"help": "student optimisation"})
     lgd: LGDConfig = field(default_factory=LGDConfig, metadata={"help": "label-guided self-distillation"})
 
+    # Where load_config read this config ("FILE KEY=VALUE ..."), for messages. Not a field: never saved in
+    # config.yaml nor compared on --resume.
+    source: ClassVar[str] = "defaults"
+
 
 # The values a string key may take. Archs, metrics, class formats and attention patterns are defined where they
 # are implemented and read from there.
@@ -283,6 +287,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         key, value = item.split("=", 1)
         set_key(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "")
     validate(cfg)
+    cfg.source = " ".join([str(path) if path else "defaults", *(overrides or [])])
     return cfg
 
 
@@ -345,9 +350,14 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML: every key, as ``config.yaml`` holds it."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
     """Write the resolved config as YAML, atomically."""
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(Path(path), dump_config(cfg))
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:

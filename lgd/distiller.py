@@ -146,6 +146,12 @@ class LGD(Trainable):
         return [OptimizerGroup([self.student, self.adapter]),
                 OptimizerGroup([self.teacher], self.teacher_lr, self.teacher_momentum, self.teacher_weight_decay)]
 
+    def describe(self) -> str:
+        """LGD's training-only parts and when distillation reaches the student, for the training summary."""
+        millions = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (self.teacher, self.adapter)]
+        return (f"on: implicit teacher {millions[0]:.2f} M + adapter {millions[1]:.2f} M parameters, training only; "
+                f"the student learns from distillation after iteration {self.pre_distill_iters}")
+
     def may_leave_parameters_unused(self, start: int, images_may_lack_objects: bool) -> bool:
         """LGD's frozen-backbone window still ahead, or a teacher without context box on a rank whose images may
         all lack objects. Everything else in the student, adapter and teacher takes part in every step's loss."""

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from lgd.files import to_json
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, flushed) plus TensorBoard events."""
 
@@ -41,7 +43,7 @@ class MetricsLog:
         self._write({"kind": "skip", "iter": it, "terms": terms, "gradients": gradients, "image_ids": image_ids})
 
     def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(to_json(record) + "\n")
         self.file.flush()
 
     def close(self) -> None:

@@ -37,6 +37,10 @@ class Trainable(nn.Module):
         without annotations (``data.filter_empty=false``)."""
         return False
 
+    def describe(self) -> str:
+        """One line on how this model trains, for the summary printed before training."""
+        return "off: the plain baseline (lgd.enabled=false)"
+
     def teacher_detect(self, images: list[Tensor], targets: Targets) -> list[dict[str, Tensor]]:
         """The teacher diagnostic's detections. Raises LGDError: only LGD has a teacher."""
         raise LGDError("the teacher diagnostic needs an LGD model (lgd.enabled=true)")

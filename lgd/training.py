@@ -21,13 +21,14 @@ from lgd.data import CocoDetection, build_train_loader
 from lgd.data.loader import stop_workers
 from lgd.distributed import Context
 from lgd.errors import ConfigError
-from lgd.evaluation import EvalResult
+from lgd.evaluation import EvalResult, check_categories, dataset_categories
 from lgd.evaluation.evaluator import evaluate
 from lgd.events import MetricsLog, truncate_metrics
 from lgd.hooks import MetricsWriter, ModelSchedule, NanPolicy, PeriodicCheckpoint, PeriodicEval, StopOnSignal
 from lgd.signals import ignore_stop_signals
 from lgd.solver import Optimization, build_optimization
 from lgd.step import Stepper
+from lgd.summary import training_summary
 from lgd.train_loop import Trainer
 from lgd.trainable import Trainable
 
@@ -49,6 +50,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     """``train`` in this process; the order of the steps up to the data loader is that of the random streams."""
     out = Path(cfg.output_dir)
     train_set, val_set = _prepare(cfg, ctx, out)
+    check_categories(dataset_categories(train_set), val_set, "val", f"training split {train_set.ann_file}")
     model = build_model(cfg, train_set.num_classes)
     if cfg.model.sync_bn and ctx.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -59,6 +61,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     start = ckpt["iteration"] if ckpt is not None else 0
     if ctx.is_main:
         _start_records(cfg, out, resume, start)
+        print(training_summary(cfg, ctx, train_set, val_set, model, start), flush=True)
     stepper = Stepper(_parallel(model, cfg, ctx, start), optimization, ctx, cfg.solver)
     if ckpt is not None and "scaler" in ckpt and stepper.scaler.is_enabled():
         stepper.scaler.load_state_dict(ckpt["scaler"])
@@ -66,7 +69,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     if ckpt is not None:  # after the loader is made, which draws a seed from torch's generator
         restore_rng_state(ckpt["rng"], ctx)
     log = MetricsLog(out, purge_step=start if resume else None) if ctx.is_main else None
-    checkpointer = Checkpointer(out, model, optimization, stepper.scaler, cfg, ctx)
+    checkpointer = Checkpointer(out, model, optimization, stepper.scaler, cfg, ctx, dataset_categories(train_set))
     evaluate_val = functools.partial(evaluate, model, val_set, cfg, ctx.device, progress=progress, ctx=ctx)
     hooks = [ModelSchedule(), NanPolicy(cfg.solver.nan_policy, checkpointer, log), MetricsWriter(log, cfg.log_period),
              PeriodicEval(evaluate_val, log, cfg.eval_period), StopOnSignal(checkpointer),

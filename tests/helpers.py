@@ -1,6 +1,8 @@
 """Tiny detectors and batches shared by the tests."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from lgd.config import LGDConfig, ModelConfig
@@ -40,3 +42,10 @@ def batch(arch: str, objects: tuple[int, ...] = (2, 1), size: int = 64, seed: in
             target["masks"] = masks
         targets.append(target)
     return images, targets
+
+
+def strict_json(text: str):
+    """json.loads that rejects NaN and Infinity, as strict parsers (jq, JavaScript) do."""
+    def reject(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=reject)

@@ -149,6 +149,8 @@ def test_results_untouched_and_pycocotools_silenced(coco_gt: COCO, capsys: pytes
     assert capsys.readouterr().out == ""
     lines = result.summary["bbox"].strip().splitlines()
     assert len(lines) == 12 and lines[0].lstrip().startswith("Average Precision")
+    # pycocotools' labels, lgd's one scale: percent, marked, n/a where it reports -1 (no medium / large objects)
+    assert lines[0].endswith("= 100.00 %") and lines[4].endswith("= n/a") and lines[6].endswith(" %")
 
 
 def test_table_lists_every_class() -> None:
@@ -157,7 +159,7 @@ def test_table_lists_every_class() -> None:
     table = result.table("bbox")
     for name in [*names, "zebra"]:
         assert name in table
-    assert "n/a" in table and "40.000" in table
+    assert "n/a" in table and "40.00" in table and "AP %" in table
     rows = table.splitlines()
     assert len(rows) == 2 + 2  # header, rule, 6 classes at 3 per row
     assert len({len(row) for row in rows[:3]}) == 1

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torchvision import models
 
 from lgd.errors import WeightsError
+from lgd.files import load_torch_file
 
 
 def load_into(module: nn.Module, spec: str, key: str, strict: bool) -> None:
@@ -34,19 +35,10 @@ def load_into(module: nn.Module, spec: str, key: str, strict: bool) -> None:
 def _read_weights(spec: str, key: str) -> dict[str, Tensor]:
     path = Path(spec).expanduser()
     if path.suffix in (".pth", ".pt") or path.exists():
-        if not path.is_file():
-            raise WeightsError(f"{key}: weights file not found: {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a corrupt or foreign file: say which one
-            raise WeightsError(f"{key}: cannot read weights file {path}: {e}") from None
-        if isinstance(obj, nn.Module):
-            return obj.state_dict()
-        for field in ("model", "state_dict"):
+        obj = load_torch_file(path, f"{key} weights file", WeightsError)
+        for field in ("model", "state_dict"):  # a training checkpoint, an lgd export, a common wrapper
             if isinstance(obj, dict) and isinstance(obj.get(field), dict):
                 return obj[field]
-            if isinstance(obj, dict) and isinstance(obj.get(field), nn.Module):
-                return obj[field].state_dict()
         return obj
     try:
         weights = models.get_weight(spec)
@@ -57,7 +49,7 @@ def _read_weights(spec: str, key: str) -> dict[str, Tensor]:
         ) from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
+        return load_torch_file(cached, f"{key} cached weights file", WeightsError)
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)
     try:

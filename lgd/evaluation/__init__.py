@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pycocotools.coco import COCO
 
-from lgd.evaluation.coco import EvalResult, detections_to_coco, evaluate_coco, save_results
+from lgd.evaluation.categories import Categories, check_categories, dataset_categories, read_categories
+from lgd.evaluation.coco import EvalResult, detections_to_coco, evaluate_coco, format_percent, save_results
 from lgd.evaluation.crowdhuman import evaluate_crowdhuman
 from lgd.evaluation.voc import evaluate_voc
 
@@ -42,6 +43,7 @@ def evaluate_detections(
 
 
 __all__ = [
-    "METRICS", "EvalResult", "auto_metric", "detections_to_coco", "evaluate_coco", "evaluate_crowdhuman",
-    "evaluate_detections", "evaluate_voc", "save_results",
+    "METRICS", "Categories", "EvalResult", "auto_metric", "check_categories", "dataset_categories",
+    "detections_to_coco", "evaluate_coco", "evaluate_crowdhuman", "evaluate_detections", "evaluate_voc",
+    "format_percent", "read_categories", "save_results",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 
 from lgd.atomic import atomic_write_text
 from lgd.errors import DatasetError
+from lgd.files import to_json
 
 IOU_TYPES = ("bbox", "segm")
 # Names of the first six entries of COCOeval.stats, in order.
@@ -101,7 +101,8 @@ class EvalResult:
             (and "segm/..." for masks), in percent; NaN where COCO has no such objects.
         per_class: iou type -> class name -> AP (IoU 0.50:0.95, all areas) in percent,
             NaN for a class with no ground truth.
-        summary: iou type -> the 12-line summary text pycocotools prints (other metrics: their own lines).
+        summary: iou type -> summary text, every number in percent and marked "%" (COCO: pycocotools' 12
+            lines; other metrics: their own lines).
         name: the metric, for titles: "COCO", "VOC AP50 (area)", "VOC2007 11-point AP50", "CrowdHuman".
         headline: the key of ``metrics`` to quote as the result ("bbox/AP" for COCO, "bbox/AP50" otherwise).
     """
@@ -120,20 +121,20 @@ class EvalResult:
             )
         cells = [(name, _format_ap(ap)) for name, ap in self.per_class[iou_type].items()]
         name_width = max([len("category")] + [len(name) for name, _ in cells])
-        ap_width = max([len("AP")] + [len(ap) for _, ap in cells])
+        ap_width = max([len("AP %")] + [len(ap) for _, ap in cells])
         pairs_per_row = max(1, min(columns, len(cells)))
 
         def row(pairs: Sequence[tuple[str, str]]) -> str:
             return " | ".join(f"{n:<{name_width}} | {a:>{ap_width}}" for n, a in pairs)
 
-        header = row([("category", "AP")] * pairs_per_row)
+        header = row([("category", "AP %")] * pairs_per_row)
         rule = "-" * len(header)
         body = [row(cells[i : i + pairs_per_row]) for i in range(0, len(cells), pairs_per_row)]
         return "\n".join([header, rule, *body])
 
 
 def _format_ap(ap: float) -> str:
-    return "n/a" if math.isnan(ap) else f"{ap:.3f}"
+    return "n/a" if math.isnan(ap) else f"{ap:.2f}"
 
 
 def evaluate_coco(
@@ -194,14 +195,26 @@ def evaluate_coco(
                 evaluator.params.imgIds = list(image_ids)
             evaluator.evaluate()
             evaluator.accumulate()
-        summary = io.StringIO()
-        with contextlib.redirect_stdout(summary):
-            evaluator.summarize()
-        out.summary[iou_type] = summary.getvalue()
+        out.summary[iou_type] = _summary_in_percent(evaluator)
         for name, value in zip(AP_NAMES, evaluator.stats):
             out.metrics[f"{iou_type}/{name}"] = _to_percent(float(value))
         out.per_class[iou_type] = dict(zip(class_names, _per_class_ap(evaluator)))
     return out
+
+
+def _summary_in_percent(evaluator: COCOeval) -> str:
+    """pycocotools' 12 summary lines, with its own labels, but each number in percent (as every AP lgd prints)
+    and "n/a" where it reports -1; its 0-1 print is captured so that no second scale reaches the output."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        evaluator.summarize()
+    labels = [line.rsplit(" = ", 1)[0] for line in printed.getvalue().splitlines() if " = " in line]
+    return "\n".join(f"{label} = {format_percent(_to_percent(float(v)))}" for label, v in zip(labels, evaluator.stats))
+
+
+def format_percent(value: float) -> str:
+    """A percentage for summaries: "36.31 %", or "n/a" for NaN (nothing to score)."""
+    return "n/a" if math.isnan(value) else f"{value:.2f} %"
 
 
 def _empty_results(coco_gt: COCO) -> COCO:
@@ -231,5 +244,5 @@ def _per_class_ap(evaluator: COCOeval) -> list[float]:
 
 
 def save_results(results: list[dict], path: Path) -> None:
-    """Write result records as JSON, atomically: a reader never sees half a file."""
-    atomic_write_text(Path(path), json.dumps(results))
+    """Write result records as strict JSON, atomically: a reader never sees half a file."""
+    atomic_write_text(Path(path), to_json(results))

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from pycocotools.coco import COCO
 
-from lgd.evaluation.coco import EvalResult
+from lgd.evaluation.coco import EvalResult, format_percent
 from lgd.evaluation.matching import CategoryData, overlaps, per_category
 
 FPPI_REFERENCES = np.logspace(-2.0, 0.0, 9)
@@ -98,8 +98,8 @@ def evaluate_crowdhuman(
         "bbox/AP50": float(np.mean(scored)) if scored else math.nan,
         "bbox/MR-2": float(np.mean(miss_rates)) if miss_rates else math.nan,
     }
-    summary = (f" CrowdHuman AP     @ IoU={iou_thresh:.2f} = {metrics['bbox/AP50']:.3f}\n"
-               f" CrowdHuman MR^-2  @ IoU={iou_thresh:.2f} = {metrics['bbox/MR-2']:.3f}  "
+    summary = (f" CrowdHuman AP     @ IoU={iou_thresh:.2f} = {format_percent(metrics['bbox/AP50'])}\n"
+               f" CrowdHuman MR^-2  @ IoU={iou_thresh:.2f} = {format_percent(metrics['bbox/MR-2'])}  "
                f"(log-average miss rate over FPPI in [0.01, 1]; lower is better)\n"
                f" over {len(scored)} of {len(cat_ids)} classes with ground truth, {len(image_ids)} images; "
                f"detections in ignore regions not counted")

@@ -38,7 +38,7 @@ def evaluate(
     ctx: Optional[Context] = None,
     split: str = "val",
 ) -> Optional[EvalResult]:
-    """AP of the student (or, with ``teacher``, of the head on the teacher's features: an upper bound).
+    """AP of the student (or, with ``teacher``, of the head on the teacher's features: a diagnostic).
 
     The metric is ``split_metric(cfg, split)``: COCO AP, VOC AP50 or CrowdHuman AP50 / MR^-2.
 

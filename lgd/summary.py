@@ -1,0 +1,89 @@
+"""Summaries: a model's parameter counts (``lgd summary``) and what a training run is about to do (printed
+before its first step, so that a wrong dataset, device or output folder shows at once, not hours later)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from lgd import __version__
+from lgd.config import Config
+from lgd.data import CocoDetection
+from lgd.data.stats import dataset_stats
+from lgd.detectors import build_detector
+from lgd.distiller import LGD
+from lgd.distributed import Context
+
+
+def count(module: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(cfg: Config, num_classes: int) -> dict[str, Any]:
+    """Parameter counts of the student, LGD's teacher and adapter, and what is deployed, for ``num_classes``.
+
+    Counting needs no pretrained weights: ``model.weights`` and ``model.backbone_weights`` are ignored, so
+    this works offline.
+    """
+    architecture = dataclasses.replace(cfg.model, weights="", backbone_weights="")
+    student = build_detector(architecture, num_classes)
+    report: dict[str, Any] = {"arch": cfg.model.arch, "num_classes": num_classes,
+                              "fpn_channels": cfg.model.fpn_channels, "student": count(student)}
+    lgd = LGD(student, num_classes=num_classes, config=cfg.lgd, max_iter=cfg.solver.max_iter)
+    report.update({
+        "teacher": count(lgd.teacher), "adapter": count(lgd.adapter),
+        "context_box": lgd.context_box, "detach_appearance": lgd.detach_appearance,
+        "class_format": cfg.lgd.class_format, "lgd_enabled": cfg.lgd.enabled,
+        "deployed": count(student),
+    })
+    return report
+
+
+def training_summary(cfg: Config, ctx: Context, train_set: CocoDetection, val_set: CocoDetection, model: nn.Module,
+                     start: int) -> str:
+    """What training will do, as aligned "what: value" lines: config, device and threads, each split's source
+    (and where it is cached), images and objects, the model, LGD on or off, the schedule, the output folder.
+
+    Args:
+        model: the model about to train (``Trainable``: LGD, or Baseline for ``lgd.enabled=false``).
+        start: the first iteration (above 0 when resuming).
+    """
+    m, s = cfg.model, cfg.solver
+    student = model.student
+    processes = f", {ctx.world_size} processes" if ctx.distributed else ""
+    weights = m.weights or m.backbone_weights or "none (from scratch)"
+    evaluation = f"every {cfg.eval_period} iterations and at the end" if cfg.eval_period else "at the end"
+    threads = torch.get_num_threads()
+    lines = [
+        ("config", cfg.source),
+        ("device", f"{ctx.device}, {threads} thread{'s' if threads > 1 else ''}{processes}, precision {s.amp}"),
+        *_split_lines(cfg, "train", train_set),
+        *_split_lines(cfg, "val", val_set),
+        ("model", f"{m.arch}, ResNet-{m.depth}-FPN (width {m.fpn_channels}, {m.norm}), {count(student) / 1e6:.2f} M "
+                  f"parameters, images {'/'.join(map(str, m.min_size))} px (max {m.max_size}); weights: {weights}"),
+        ("LGD", model.describe()),
+        ("schedule", f"{s.max_iter} iterations of {cfg.data.batch_size} images, lr {s.base_lr}"
+                     + (f", resuming after iteration {start}" if start else "") + f"; evaluation on val {evaluation}"),
+        ("output", f"{cfg.output_dir} (config.yaml, checkpoints, metrics.jsonl, tensorboard/, plots)"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    return f"lgd {__version__}: training\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
+
+
+def _split_lines(cfg: Config, split: str, dataset: CocoDetection) -> list[tuple[str, str]]:
+    """Where a split comes from (and is cached), and its images and objects."""
+    s = getattr(cfg.data, split)
+    if not s.root:
+        source = f"the built-in synthetic dataset, generated once into {dataset.root.parent}"
+    elif s.format != "coco":
+        source = f"{s.format} {s.root}, converted once to {dataset.ann_file}"
+    else:
+        source = f"{dataset.ann_file}, images in {dataset.root}"
+    stats = dataset_stats(dataset.coco.dataset)
+    counts = f"{stats.images} images, {stats.objects} objects, {len(stats.per_class)} classes"
+    if len(dataset) < stats.images:
+        counts += f"; {len(dataset)} images with objects are trained on (data.filter_empty)"
+    return [(split, source), ("", counts)]
