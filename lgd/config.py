@@ -127,6 +127,10 @@ class LGDConfig:
     pre_distill_iters: int = _f(30000, "first iterations where only the adapter learns from the distillation loss")
     post_distill_iters: int = _f(0, "last iterations where only the adapter learns from the distillation loss")
     freeze_backbone_iters: int = _f(0, "first iterations where the backbone body gets no update (20000 in the reference with ImageNet weights)")
+    eval_teacher: bool = _f(True, "at every evaluation in training, also score the teacher diagnostic on val (the "
+                                  "student's head on the teacher's features; logged as split val_teacher, drawn in "
+                                  "ap.png beside the student), as the reference's EVAL_TEACHER; costs about one more "
+                                  "evaluation each time")
     teacher_lr: float = _f(0.01, "teacher learning rate (same schedule shape as the student's)")
     teacher_momentum: float = _f(0.9, "teacher SGD momentum")
     teacher_weight_decay: float = _f(1e-4, "teacher SGD weight decay")

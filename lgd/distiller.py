@@ -146,6 +146,8 @@ class LGD(Trainable):
         return [OptimizerGroup([self.student, self.adapter]),
                 OptimizerGroup([self.teacher], self.teacher_lr, self.teacher_momentum, self.teacher_weight_decay)]
 
+    has_teacher = True
+
     def describe(self) -> str:
         """LGD's training-only parts and when distillation reaches the student, for the training summary."""
         millions = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (self.teacher, self.adapter)]

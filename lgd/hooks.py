@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from lgd import distributed
@@ -15,6 +16,7 @@ from lgd.checkpoint import Checkpointer
 from lgd.errors import TrainingError
 from lgd.evaluation import EvalResult
 from lgd.events import MetricsLog
+from lgd.loss_monitor import DegenerateLossMonitor
 from lgd.signals import TrainingInterrupted
 from lgd.train_loop import Hook, Trainer
 
@@ -56,11 +58,13 @@ class NanPolicy(Hook):
 
 class MetricsWriter(Hook):
     """Every ``period`` iterations and at the last: the loss terms averaged over ranks, the total loss, the
-    learning rates and the seconds per iteration, to metrics.jsonl / TensorBoard and the progress bar."""
+    learning rates and the seconds per iteration, to metrics.jsonl / TensorBoard and the progress bar. The same
+    values go to ``monitor``, whose warnings (a loss term stuck at a degenerate value) are printed."""
 
-    def __init__(self, log: Optional[MetricsLog], period: int) -> None:
+    def __init__(self, log: Optional[MetricsLog], period: int, monitor: Optional[DegenerateLossMonitor] = None) -> None:
         self.log = log
         self.period = period
+        self.monitor = monitor
         self.last = time.perf_counter()
 
     def before_train(self, trainer: Trainer) -> None:
@@ -77,14 +81,21 @@ class MetricsWriter(Hook):
             self.log.train(done, values, float(step.total), lrs, (now - self.last) / self.period)
             self.last = now
             trainer.bar.set_postfix(loss=f"{float(step.total):.3f}", lr=f"{lrs[0]:.2g}")
+        if self.monitor is not None:
+            for message in self.monitor.update(done, values):
+                trainer.say(f"lgd: warning: {message}")
 
 
 class PeriodicEval(Hook):
-    """Every ``period`` iterations (0: never) before the last: ``evaluate(desc)`` on val, logged and printed.
-    The last iteration's evaluation is the run's final one (lgd/train_loop.py)."""
+    """Every ``period`` iterations (0: never) before the last: ``evaluate(desc=...)`` on val, logged and printed;
+    with ``evaluate_teacher`` (``lgd.eval_teacher``) the teacher diagnostic too, logged as split ``val_teacher``
+    and printed beside the student's AP, as the reference's EVAL_TEACHER does. The run's final evaluation calls
+    :meth:`run` itself (lgd/training.py)."""
 
-    def __init__(self, evaluate: Callable[..., Optional[EvalResult]], log: Optional[MetricsLog], period: int) -> None:
+    def __init__(self, evaluate: Callable[..., Optional[EvalResult]], log: Optional[MetricsLog], period: int,
+                 evaluate_teacher: Optional[Callable[..., Optional[EvalResult]]] = None) -> None:
         self.evaluate = evaluate
+        self.evaluate_teacher = evaluate_teacher
         self.log = log
         self.period = period
 
@@ -92,10 +103,25 @@ class PeriodicEval(Hook):
         done = trainer.done
         if not self.period or done % self.period or done >= trainer.max_iter:
             return
-        result = self.evaluate(desc=f"eval@{done}")
+        self.run(done, trainer.say, desc=f"eval@{done}")
+
+    def run(self, done: int, say: Callable[[str], None], desc: str,
+            out_file: Optional[Path] = None) -> Optional[EvalResult]:
+        """Evaluate after ``done`` iterations; returns the student's result (None on ranks other than 0)."""
+        result = self.evaluate(desc=desc, out_file=out_file)
+        teacher = self.evaluate_teacher(desc=f"{desc} teacher") if self.evaluate_teacher is not None else None
         if self.log is not None:
             self.log.eval(done, "val", result.metrics)
-            trainer.say(f"iter {done}: val {result.headline} {result.metrics[result.headline]:.2f}")
+            student_ap = result.metrics[result.headline]
+            line = f"iter {done}: val {result.headline} {student_ap:.2f}"
+            if teacher is not None:
+                self.log.eval(done, "val_teacher", teacher.metrics)
+                teacher_ap = teacher.metrics[teacher.headline]
+                verdict = "above the student: it has something to teach" if teacher_ap > student_ap else \
+                    "not above the student: distilling it cannot lift the student"
+                line += f"; teacher diagnostic {teacher_ap:.2f} ({verdict})"
+            say(line)
+        return result
 
 
 class StopOnSignal(Hook):

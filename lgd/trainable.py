@@ -23,6 +23,7 @@ class Trainable(nn.Module):
     """
 
     student: nn.Module
+    has_teacher: bool = False  # whether teacher_detect works (the teacher diagnostic)
 
     def optimizer_groups(self) -> list[OptimizerGroup]:
         """The SGD optimizers this model trains with, one group each, in a fixed order."""

@@ -25,6 +25,7 @@ from lgd.evaluation import EvalResult, check_categories, dataset_categories
 from lgd.evaluation.evaluator import evaluate
 from lgd.events import MetricsLog, truncate_metrics
 from lgd.hooks import MetricsWriter, ModelSchedule, NanPolicy, PeriodicCheckpoint, PeriodicEval, StopOnSignal
+from lgd.loss_monitor import DegenerateLossMonitor
 from lgd.signals import ignore_stop_signals
 from lgd.solver import Optimization, build_optimization
 from lgd.step import Stepper
@@ -71,16 +72,17 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     log = MetricsLog(out, purge_step=start if resume else None) if ctx.is_main else None
     checkpointer = Checkpointer(out, model, optimization, stepper.scaler, cfg, ctx, dataset_categories(train_set))
     evaluate_val = functools.partial(evaluate, model, val_set, cfg, ctx.device, progress=progress, ctx=ctx)
-    hooks = [ModelSchedule(), NanPolicy(cfg.solver.nan_policy, checkpointer, log), MetricsWriter(log, cfg.log_period),
-             PeriodicEval(evaluate_val, log, cfg.eval_period), StopOnSignal(checkpointer),
-             PeriodicCheckpoint(checkpointer, cfg.checkpoint_period)]
+    evaluate_teacher = functools.partial(evaluate_val, teacher=True) if model.has_teacher and cfg.lgd.eval_teacher \
+        else None
+    validation = PeriodicEval(evaluate_val, log, cfg.eval_period, evaluate_teacher)
+    hooks = [ModelSchedule(), NanPolicy(cfg.solver.nan_policy, checkpointer, log),
+             MetricsWriter(log, cfg.log_period, DegenerateLossMonitor(cfg.model.arch)), validation,
+             StopOnSignal(checkpointer), PeriodicCheckpoint(checkpointer, cfg.checkpoint_period)]
     trainer = Trainer(model, stepper, batches, ctx, start, cfg.solver.max_iter, hooks, progress)
     try:
         trainer.run()
         checkpointer.save_final(cfg.solver.max_iter)
-        result = evaluate_val(out_file=out / "detections_val.json", desc="eval (val)")
-        if log is not None:
-            log.eval(cfg.solver.max_iter, "val", result.metrics)
+        result = validation.run(cfg.solver.max_iter, trainer.say, "eval (val)", out / "detections_val.json")
     finally:
         stop_workers(batches)
         trainer.bar.close()

@@ -112,3 +112,19 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(target)["x"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]
+
+
+@pytest.mark.parametrize("overrides, teacher_evals", [
+    ((), [2, 4]),  # LGD: the teacher diagnostic beside every evaluation, the final one included
+    (("lgd.eval_teacher=false",), []),
+    (("lgd.enabled=false",), []),  # a baseline has no teacher
+])
+def test_the_teacher_is_evaluated_on_val_during_training(tiny_config, capsys, overrides, teacher_evals):
+    cfg = tiny_config("eval_period=2", *overrides)
+    train(cfg, progress=False)
+    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = {split: [r["iter"] for r in records if r["kind"] == "eval" and r["split"] == split]
+             for split in ("val", "val_teacher")}
+    assert evals == {"val": [2, 4], "val_teacher": teacher_evals}
+    printed = capsys.readouterr()
+    assert ("teacher diagnostic" in printed.out + printed.err) == bool(teacher_evals)
