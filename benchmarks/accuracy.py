@@ -5,6 +5,7 @@
     python benchmarks/accuracy.py --arch retinanet --ablation teacher_fill:lgd.attention=teacher_fill
     python benchmarks/accuracy.py --arch retinanet fcos --parallel 12 --budget 480 --iters 1000 2000 4000
     python benchmarks/accuracy.py --quick                     # tiny, for the test suite
+    python benchmarks/accuracy.py --regime pretrained --arch fcos   # pretrained backbone, photographic target
 
 For every architecture and seed it trains the baseline (``lgd.enabled=false``) and LGD with the same recipe, seed
 and iteration count, and evaluates both on the **test** split (used for nothing else); for every LGD run it also
@@ -19,6 +20,11 @@ every kind of run first trains a few steps side by side to measure its seconds p
 ``--iters`` whose runs fit the budget is chosen and recorded, and an equal-time or ablation run that no longer fits
 is not started (the report lists it as not run); the equal-iteration pairs always run. Each finished run writes
 ``result.json`` in its folder as soon as it ends.
+
+``--regime pretrained`` (issue 13) trains every run from a ResNet-18 body pretrained by ``pretrain_backbone.py`` on the
+target of ``regime_data.py`` (shapes on photographs), with ``configs/regime_<arch>_lgd.yaml``. Backbone and dataset
+are made once and cached ($LGD_CACHE/regime or ~/.cache/lgd/regime); the report gives the pretraining's cost once,
+and whether this invocation paid it or found the file cached.
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's lgd, not another installed one
 RESULTS = Path(__file__).parent / "results"
 METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl")
 CALIBRATION_STEPS = 30
@@ -100,10 +107,15 @@ def stretched(overrides: list[str], cfg, factor: float) -> list[str]:
     """The same recipe over ``factor`` times as many iterations (every iteration count scaled)."""
     s = cfg.solver
     steps = ",".join(str(round(x * factor)) for x in s.steps)
-    return overrides + [f"solver.max_iter={round(s.max_iter * factor)}", f"solver.steps=[{steps}]",
-                        f"solver.warmup_iters={round(s.warmup_iters * factor)}",
-                        f"lgd.pre_distill_iters={round(cfg.lgd.pre_distill_iters * factor)}",
-                        f"eval_period={round(cfg.eval_period * factor) if cfg.eval_period else 0}"]
+    scaled = overrides + [f"solver.max_iter={round(s.max_iter * factor)}", f"solver.steps=[{steps}]",
+                          f"solver.warmup_iters={round(s.warmup_iters * factor)}",
+                          f"lgd.pre_distill_iters={round(cfg.lgd.pre_distill_iters * factor)}",
+                          f"eval_period={round(cfg.eval_period * factor) if cfg.eval_period else 0}"]
+    # Only when there is a freeze window: the overrides identify a finished run (result.json), so recipes without
+    # one keep the overrides their finished runs were recorded with.
+    if cfg.lgd.freeze_backbone_iters:
+        scaled.append(f"lgd.freeze_backbone_iters={round(cfg.lgd.freeze_backbone_iters * factor)}")
+    return scaled
 
 
 def schedule(cfg, iters: int) -> list[str]:
@@ -178,7 +190,11 @@ def parse_ablation(text: str) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["retinanet"], choices=("retinanet", "fcos", "fasterrcnn"))
-    parser.add_argument("--config", help="LGD config for a single --arch (default: configs/synthetic_<arch>_lgd.yaml)")
+    parser.add_argument("--regime", choices=("scratch", "pretrained"), default="scratch",
+                        help="scratch: the built-in dataset from scratch; pretrained: a cached pretrained ResNet-18 "
+                             "body and the photographic target (both made on first use)")
+    parser.add_argument("--config", help="LGD config for a single --arch (default: configs/synthetic_<arch>_lgd.yaml, "
+                                         "with --regime pretrained configs/regime_<arch>_lgd.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--no-equal-time", action="store_true", help="skip the equal-time baselines")
@@ -212,7 +228,15 @@ def main(argv: list[str] | None = None) -> dict:
                    "solver.steps=[3]", "solver.warmup_iters=1", "data.batch_size=2", "eval_period=2",
                    "lgd.pre_distill_iters=1", "data.synth.num_train=12", "data.synth.num_val=4",
                    "data.synth.num_test=4", "data.synth.size=64", "data.workers=0"]
-    configs = {a: args.config or str(ROOT / "configs" / f"synthetic_{a}_lgd.yaml") for a in args.arch}
+    report: dict = {"date": date.today().isoformat(), "command": "python benchmarks/accuracy.py " + " ".join(
+        sys.argv[1:] if argv is None else argv), "regime": args.regime}
+    if args.regime == "pretrained":
+        regime, regime_overrides = prepare_pretrained_regime(args.quick)
+        report["pretrained_regime"] = regime
+        # after the user's overrides: the cached files are what this regime means
+        common += regime_overrides + (["lgd.freeze_backbone_iters=1"] if args.quick else [])
+    prefix = "regime" if args.regime == "pretrained" else "synthetic"
+    configs = {a: args.config or str(ROOT / "configs" / f"{prefix}_{a}_lgd.yaml") for a in args.arch}
     cfgs = {a: load_config(configs[a], common) for a in args.arch}
     for cfg in cfgs.values():
         split_paths(cfg, "train")  # generate the built-in dataset once, before parallel runs look for it
@@ -223,8 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         return common + [f"seed={seed}", f"output_dir={out / 'runs' / arch / f'{kind}_s{seed}'}"] + extra
 
     kinds = {"baseline": ["lgd.enabled=false"], "lgd": []}
-    report: dict = {"date": date.today().isoformat(), "command": "python benchmarks/accuracy.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "overrides": common, "seeds": args.seeds, "archs": {}}
+    report.update({"overrides": common, "seeds": args.seeds, "archs": {}})
     chosen = {a: cfgs[a].solver.max_iter for a in args.arch}
     calibration: dict = {}
     if args.budget:
@@ -286,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["failed"] = {" ".join(map(str, k)): v for k, v in failed.items()}
 
     for arch in args.arch:
-        md = []
+        md = [regime_note(report["pretrained_regime"])] if args.regime == "pretrained" else []
         entry = report["archs"].setdefault(arch, {})
         entry["config"] = configs[arch]
         entry["iters"] = chosen[arch]
@@ -326,8 +349,43 @@ def main(argv: list[str] | None = None) -> dict:
         text = "\n".join(md)
         (out / f"accuracy_{arch}.md").write_text(text)
         print(text)
+    report["wall_s"] = round(time.perf_counter() - began, 1)
     (out / f"accuracy_{'_'.join(args.arch)}.json").write_text(to_json(report, indent=1))
     return report
+
+
+def prepare_pretrained_regime(quick: bool) -> tuple[dict, list[str]]:
+    """Make (or find cached) the pretrained backbone and the target dataset of ``--regime pretrained``.
+
+    Returns what the report records (weights file, SHA-256, pretraining cost and checks, whether this call paid
+    that cost, the dataset folder) and the overrides that point every run at them. Runs in this process, before any
+    run starts, so parallel runs never race to write them."""
+    from pretrain_backbone import QUICK, RECIPE, cached, ensure_pretrained, paths
+    from regime_data import ensure_target_dataset, regime_cache_dir, split_overrides
+
+    cache = regime_cache_dir()
+    recipe = QUICK if quick else RECIPE
+    reused = cached(cache, recipe) is not None
+    weights = ensure_pretrained(cache, recipe, progress=not quick)
+    manifest = json.loads(paths(cache, recipe)["manifest"].read_text())
+    # quick: a tiny target on 64 px images, like the built-in dataset's quick mode
+    target = dict(num_train=12, num_val=4, num_test=4, size=64, min_px=8, max_px=24, max_objects=3) if quick else {}
+    dataset = ensure_target_dataset(cache, **target)
+    regime = {"weights": str(weights), "sha256": manifest["sha256"], "pretraining_cost": manifest["cost"],
+              "pretraining_paid_here": not reused, "pretraining_checks": manifest["checks"], "dataset": str(dataset)}
+    return regime, [f"model.backbone_weights={weights}"] + split_overrides(dataset)
+
+
+def regime_note(regime: dict) -> str:
+    """One Markdown paragraph: which backbone and dataset the runs used, and the pretraining's cost (counted once)."""
+    cost = regime["pretraining_cost"]
+    probe = regime["pretraining_checks"]["linear_probe"]
+    paid = "paid by this invocation" if regime["pretraining_paid_here"] else "paid once before; the file was cached"
+    return (f"Pretrained regime: backbone `{Path(regime['weights']).name}` (SHA-256 {regime['sha256'][:16]}...), "
+            f"pretraining {cost['wall_s'] / 60:.1f} min wall-clock / {cost['cpu_s'] / 60:.1f} min CPU ({paid}); "
+            f"held-out accuracy {regime['pretraining_checks']['heldout_accuracy']:.3f}, linear probe on target crops "
+            f"{probe['pretrained']:.3f} vs {probe['random_init']:.3f} at random init; target "
+            f"`{Path(regime['dataset']).name}`.\n")
 
 
 def _calibrate(configs: dict, probes: list[tuple[tuple[str, str], list[str]]], parallel: int) -> dict:

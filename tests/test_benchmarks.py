@@ -1,8 +1,11 @@
 """The benchmark scripts in quick mode, so they never rot. No timing is asserted."""
+import dataclasses
 import importlib
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -85,3 +88,138 @@ def test_scaling_benchmark_quick(tmp_path, monkeypatch):
     assert report["two_process_speedup"] > 0 and report["bf16_speedup"] > 0
     assert json.loads((tmp_path / "scaling.json").read_text())["command"].endswith("--quick")
     assert (tmp_path / "scaling.md").read_text().count("|") > 10
+
+
+# ----------------------------------------------------------------------------- the pretrained regime (issue 13)
+
+
+def test_pretrained_backbone_is_deterministic_cached_and_loads_into_the_detector(tmp_path):
+    import warnings
+
+    import torch
+
+    from lgd.config import ModelConfig
+    from lgd.detectors import build_backbone
+
+    pb = _load("pretrain_backbone")
+    first = pb.pretrain(tmp_path / "a", pb.QUICK, progress=False)
+    again = pb.pretrain(tmp_path / "b", pb.QUICK, progress=False)
+    assert first["sha256"] == again["sha256"]  # same recipe, same bytes
+    assert first["cost"]["wall_s"] > 0 and {"heldout_accuracy", "linear_probe"} <= set(first["checks"])
+    probe = first["checks"]["linear_probe"]
+    assert 0 <= probe["pretrained"] <= 1 and 0 <= probe["random_init"] <= 1 and probe["eval_crops"] > 0
+
+    weights = pb.paths(tmp_path / "a", pb.QUICK)["weights"]
+    state = torch.load(weights, map_location="cpu", weights_only=True)  # a plain state dict of tensors
+    assert not any(k.startswith("fc.") for k in state) and "layer4.1.bn2.running_var" in state
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lgd warns when it skips tensors of other shapes
+        body = build_backbone(ModelConfig(depth=18, norm="frozen_bn", backbone_weights=str(weights)), True).body
+    own = body.state_dict()
+    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer3.1.bn2.bias"):
+        assert torch.equal(own[key], state[key]), key
+
+    mtime = weights.stat().st_mtime_ns
+    assert pb.ensure_pretrained(tmp_path / "a", pb.QUICK, progress=False) == weights
+    assert weights.stat().st_mtime_ns == mtime  # cached: not trained again
+    with open(weights, "ab") as f:
+        f.write(b"x")
+    with pytest.warns(UserWarning, match="SHA-256"):
+        pb.ensure_pretrained(tmp_path / "a", pb.QUICK, progress=False)
+    assert pb.cached(tmp_path / "a", pb.QUICK)["sha256"] == first["sha256"]  # trained again, the same bytes
+    other = dataclasses.replace(pb.QUICK, steps=4)
+    assert pb.paths(tmp_path, other)["weights"] != weights  # another recipe, another file
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    pb = _load("pretrain_backbone")
+    recipe = dataclasses.replace(pb.QUICK, steps=4)
+    whole = pb.pretrain(tmp_path / "whole", recipe, progress=False)
+    monkeypatch.setattr(pb, "CHECKPOINT_EVERY", 2)
+    real, calls = pb.pretrain_batch, []
+
+    def stop_at_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(pb, "pretrain_batch", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        pb.pretrain(tmp_path / "cut", recipe, progress=False)
+    assert pb.paths(tmp_path / "cut", recipe)["partial"].is_file()
+    monkeypatch.setattr(pb, "pretrain_batch", real)
+    resumed = pb.pretrain(tmp_path / "cut", recipe, progress=False)
+    assert resumed["sha256"] == whole["sha256"]
+    assert "resuming at step 2" in pb.paths(tmp_path / "cut", recipe)["log"].read_text()
+    assert not pb.paths(tmp_path / "cut", recipe)["partial"].exists()
+
+
+def test_target_dataset_is_deterministic_coco_and_disjoint_from_pretraining(tmp_path):
+    from lgd.data.coco import CocoDetection
+
+    rd = _load("regime_data")
+    params = dict(num_train=3, num_val=2, num_test=2, size=64, min_px=8, max_px=24, max_objects=4)
+    a = rd.ensure_target_dataset(tmp_path / "a", **params)
+    b = rd.ensure_target_dataset(tmp_path / "b", **params)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    for split in rd.SPLITS:
+        doc = json.loads((a / "annotations" / f"instances_{split}.json").read_text())
+        assert [c["name"] for c in doc["categories"]] == list(rd.TARGET_CLASSES)
+        assert doc["annotations"]
+        for ann in doc["annotations"]:
+            x, y, w, h = ann["bbox"]
+            assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64
+            assert 0 < ann["area"] <= w * h and w >= 1 and h >= 1
+        assert len(CocoDetection(a / split, a / "annotations" / f"instances_{split}.json")) == len(doc["images"])
+    licences = (a / "LICENSES.txt").read_text()
+    assert all(name in licences for name, _ in rd.PHOTOS)
+    assert not set(rd.TARGET_CLASSES) & set(rd.PRETRAIN_CLASSES)
+    assert not set(rd.TARGET_TEXTURES) & set(rd.PRETRAIN_TEXTURES)
+    with pytest.raises(ValueError, match="min_px"):
+        rd.ensure_target_dataset(tmp_path / "c", size=64, min_px=2)
+    with pytest.raises(TypeError, match="unknown"):
+        rd.ensure_target_dataset(tmp_path / "c", num_classes=3)
+
+
+def test_regime_recipes_scale_the_reference_schedule():
+    from lgd.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for arch, lr in (("fcos", 0.01), ("retinanet", 0.01), ("fasterrcnn", 0.02)):
+        cfg = load_config(configs / f"regime_{arch}_lgd.yaml")
+        n = cfg.solver.max_iter
+        assert cfg.model.arch == arch and (cfg.solver.base_lr, cfg.lgd.teacher_lr) == (lr, lr)
+        assert cfg.solver.steps == [round(n * 2 / 3), round(n * 8 / 9)]  # reference 120k, 160k of 180k
+        assert cfg.lgd.pre_distill_iters == round(n * 30 / 180) and cfg.lgd.freeze_backbone_iters == round(n * 20 / 180)
+        assert cfg.model.norm == "frozen_bn" and cfg.model.backbone_weights and cfg.data.train.root
+        assert cfg.solver.warmup_iters > 0 and (cfg.solver.clip_type, cfg.solver.clip_value) == ("value", 1.0)
+
+
+def test_accuracy_benchmark_pretrained_regime_quick(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("LGD_CACHE", str(tmp_path / "cache"))
+    args = ["--quick", "--regime", "pretrained", "--arch", "fcos", "--seeds", "0", "--parallel", "2",
+            "--no-equal-time", "--out", str(tmp_path)]
+    report = _load("accuracy").main(args)
+    regime = report["pretrained_regime"]
+    assert regime["pretraining_paid_here"] is True and regime["pretraining_cost"]["wall_s"] > 0
+    assert Path(regime["weights"]).parent == tmp_path / "cache" / "regime"
+    base, lgd = report["archs"]["fcos"]["equal_iterations"]["runs"][0]
+    assert "bbox/AP" in lgd["teacher_test"]
+    for run in (base, lgd):
+        assert f"model.backbone_weights={regime['weights']}" in run["overrides"]
+        assert f"data.test.root={Path(regime['dataset']) / 'test'}" in run["overrides"]
+    # The runs trained from the pretrained body: the frozen stem ends exactly as pretrained.
+    pretrained = torch.load(regime["weights"], map_location="cpu", weights_only=True)
+    final = torch.load(tmp_path / "runs" / "fcos" / "lgd_s0" / "model_final.pth", map_location="cpu",
+                       weights_only=False)["model"]
+    stem = next(v for k, v in final.items() if k.endswith("backbone.body.conv1.weight"))
+    assert torch.equal(stem, pretrained["conv1.weight"])
+    assert "Pretrained regime:" in (tmp_path / "accuracy_fcos.md").read_text()
+    again, overrides = _load("accuracy").prepare_pretrained_regime(quick=True)  # what a second invocation does first
+    assert again["pretraining_paid_here"] is False and again["sha256"] == regime["sha256"]
+    assert set(overrides) <= set(lgd["overrides"])
