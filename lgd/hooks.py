@@ -113,13 +113,13 @@ class PeriodicEval(Hook):
         if self.log is not None:
             self.log.eval(done, "val", result.metrics)
             student_ap = result.metrics[result.headline]
-            line = f"iter {done}: val {result.headline} {student_ap:.2f}"
+            line = f"iter {done}: val {result.headline} {student_ap:.2f} %"
             if teacher is not None:
                 self.log.eval(done, "val_teacher", teacher.metrics)
                 teacher_ap = teacher.metrics[teacher.headline]
                 verdict = "above the student: it has something to teach" if teacher_ap > student_ap else \
                     "not above the student: distilling it cannot lift the student"
-                line += f"; teacher diagnostic {teacher_ap:.2f} ({verdict})"
+                line += f"; teacher diagnostic {teacher_ap:.2f} % ({verdict})"
             say(line)
         return result
 

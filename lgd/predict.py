@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from tqdm import tqdm
 
 from lgd.data.image_io import IMAGE_EXTENSIONS, find_images, read_image
 from lgd.errors import DatasetError
+from lgd.files import to_json
 from lgd.visualize import draw_detections
 
 
@@ -108,5 +108,5 @@ def predict(
                 ],
             })
     finally:
-        (out / "detections.json").write_text(json.dumps(result.records, indent=1))
+        (out / "detections.json").write_text(to_json(result.records, indent=1))
     return result

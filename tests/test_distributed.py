@@ -42,6 +42,13 @@ def test_each_rank_takes_its_share_of_the_single_process_batches():
         distributed.per_rank_batch(6, 2, accumulate=2)
 
 
+# How far float rounding alone moves the weights when the same gradients are summed in another order. The
+# reference's element-wise clipping leaves the steps at full size (norm clipping scaled them down 10-30 times),
+# so differences of ~1e-7 in a gradient grow to ~7e-5 after four steps; a lost or doubled micro-batch moves
+# weights by the step itself, lr x gradient, which is orders of magnitude more (see the test below this one).
+ROUNDING = 2e-4
+
+
 def test_two_torchrun_processes_match_one_process(tiny_config, tmp_path):
     """Same global batch of 4: one process, or two gloo processes each accumulating two micro-batches of one
     image. Also runs LGD's frozen-backbone window (parameters without gradient under DDP)."""
@@ -62,7 +69,7 @@ def test_two_torchrun_processes_match_one_process(tiny_config, tmp_path):
     assert proc.stdout.count("bbox AP") == 1  # only rank 0 reports
 
     one, two = tmp_path / "one", tmp_path / "two"
-    assert _max_difference(load_checkpoint(one / FINAL)["model"], load_checkpoint(two / FINAL)["model"]) < 1e-5
+    assert _max_difference(load_checkpoint(one / FINAL)["model"], load_checkpoint(two / FINAL)["model"]) < ROUNDING
     # Losses logged by rank 0 are the mean over both ranks: the single process's loss over the same 4 images.
     records_one, records_two = _train_records(one), _train_records(two)
     assert [r["iter"] for r in records_two] == [1, 2, 3, 4]  # one writer: no duplicated records
@@ -81,12 +88,13 @@ def test_two_torchrun_processes_match_one_process(tiny_config, tmp_path):
 
 def test_gradient_accumulation_gives_the_full_batch_step(tiny_config, tmp_path):
     runs = {}
-    for accumulate in (1, 2):
-        cfg = tiny_config(f"output_dir={tmp_path / str(accumulate)}", f"solver.accumulate={accumulate}",
-                          "solver.max_iter=2", *GN)
+    for name, overrides in (("whole", ()), ("accumulated", ("solver.accumulate=2",)), ("half", ("data.batch_size=1",))):
+        cfg = tiny_config(f"output_dir={tmp_path / name}", "solver.max_iter=2", *GN, *overrides)
         train(cfg, progress=False)
-        runs[accumulate] = load_checkpoint(Path(cfg.output_dir) / FINAL)["model"]
-    assert _max_difference(runs[1], runs[2]) < 1e-5
+        runs[name] = load_checkpoint(Path(cfg.output_dir) / FINAL)["model"]
+    assert _max_difference(runs["whole"], runs["accumulated"]) < ROUNDING
+    # The tolerance still sees a real error: training on half of each batch lands far outside it.
+    assert _max_difference(runs["whole"], runs["half"]) > 10 * ROUNDING
 
 
 def test_bf16_autocast_on_cpu_keeps_the_lgd_losses_finite_and_close(tiny_config, tmp_path):
