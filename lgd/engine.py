@@ -32,7 +32,7 @@ from lgd.config import Config, SolverConfig, config_from_dict, flatten, save_con
 from lgd.data import CocoDetection, build_eval_loader, build_train_loader, build_transforms, ensure_builtin_dataset
 from lgd.data.loader import stop_workers
 from lgd.data.formats import cached_conversion
-from lgd.data.synthetic import default_cache_dir
+from lgd.data.synthetic import Difficulty, default_cache_dir
 from lgd.detectors import ARCH_ADAPTERS, build_detector, set_test_size
 from lgd.distiller import LGD
 from lgd.distributed import Context
@@ -77,6 +77,7 @@ def split_paths(cfg: Config, split: str) -> tuple[Path, Path]:
     root = ensure_builtin_dataset(
         cache_dir,
         seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, size=syn.size,
+        difficulty=Difficulty.of(syn),
     )
     return root / split, root / "annotations" / f"instances_{split}.json"
 
