@@ -14,7 +14,7 @@ from lgd.checkpoint import FINAL, load_checkpoint, load_model_weights
 from lgd.config import Config
 from lgd.data import CocoDetection, build_transforms, ensure_builtin_dataset
 from lgd.data.formats import cached_conversion
-from lgd.data.synthetic import default_cache_dir
+from lgd.data.synthetic import Difficulty, default_cache_dir
 from lgd.detectors import VIEWS, build_detector
 from lgd.distiller import LGD
 from lgd.errors import ConfigError, LGDError
@@ -62,6 +62,7 @@ def split_paths(cfg: Config, split: str) -> tuple[Path, Path]:
     root = ensure_builtin_dataset(
         cache_dir,
         seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, size=syn.size,
+        difficulty=Difficulty.of(syn),
     )
     return root / split, root / "annotations" / f"instances_{split}.json"
 

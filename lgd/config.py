@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_typ
 import yaml
 
 from lgd.atomic import atomic_write_text
+from lgd.data.synthetic import Difficulty
 from lgd.detectors.views import ARCHS
 from lgd.errors import ConfigError
 from lgd.evaluation import METRICS
@@ -43,6 +44,12 @@ class SynthConfig:
     num_val: int = _f(200, "validation images of the built-in dataset")
     num_test: int = _f(200, "test images of the built-in dataset (report numbers on these only)")
     size: int = _f(128, "side of the built-in dataset's square images in pixels")
+    num_classes: int = _f(8, "shape classes of the built-in dataset: the first N of circle, square, triangle, star, "
+                             "cross, ring, hexagon, diamond (fewer = easier; the defaults here give the benchmark dataset)")
+    min_object_px: float = _f(8.0, "smallest object (and distractor) diameter in pixels of the built-in dataset")
+    max_objects: int = _f(12, "an ordinary built-in image has 1 to this many objects")
+    crowded_prob: float = _f(0.08, "share of crowded built-in images: 20-30 objects of at most size/5 px")
+    clutter: bool = _f(True, "unannotated distractors in the built-in images: blobs, bars, lines, scribbles, lines over objects")
     cache_dir: str = _f("", "where the built-in dataset is generated once and converted VOC/YOLO/CrowdHuman splits are "
                             "cached; empty = $LGD_CACHE or ~/.cache/lgd")
 
@@ -340,6 +347,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.{key} must be positive; got {getattr(cfg.model, key)}")
     if cfg.lgd.mask_guided and cfg.model.arch != "maskrcnn":
         raise ConfigError("lgd.mask_guided needs instance masks: set model.arch=maskrcnn or lgd.mask_guided=false")
+    try:
+        Difficulty.of(cfg.data.synth)
+    except ValueError as e:
+        raise ConfigError(f"data.synth: {e}") from None
     for split in ("train", "val", "test"):
         s = getattr(cfg.data, split)
         if bool(s.root) != bool(s.ann):

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from lgd.config import Config, all_keys, describe, load_config, save_config
+from lgd.config import Config, all_keys, describe, load_config, save_config, to_dict
 from lgd.errors import ConfigError
 
 
@@ -89,3 +89,14 @@ def test_shipped_configs_load():
 
     for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_demo_baseline_is_the_demo_recipe_without_lgd():
+    """The README puts the two demo numbers side by side: nothing but LGD may differ between them."""
+    from pathlib import Path
+
+    configs = Path(__file__).parent.parent / "configs"
+    demo, baseline = (to_dict(load_config(configs / f"demo_fcos_{name}.yaml")) for name in ("lgd", "baseline"))
+    assert demo["lgd"].pop("enabled") and not baseline["lgd"].pop("enabled")
+    assert demo.pop("output_dir") != baseline.pop("output_dir")
+    assert demo == baseline

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -12,7 +13,17 @@ import pytest
 from PIL import Image
 
 from lgd.data import synthetic
-from lgd.data.synthetic import builtin_dataset_name, default_cache_dir, ensure_builtin_dataset, write_synthetic
+from lgd.config import load_config
+from lgd.data.synthetic import (
+    CLASS_NAMES,
+    Difficulty,
+    builtin_dataset_name,
+    default_cache_dir,
+    ensure_builtin_dataset,
+    write_synthetic,
+)
+from lgd.engine import split_paths
+from lgd.errors import ConfigError
 
 SIZE = 64
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -27,12 +38,27 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def moderate(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def moderate_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 240-image training split: enough to see the rare crowded and empty images."""
-    out = write_synthetic(
+    return write_synthetic(
         tmp_path_factory.mktemp("moderate"), seed=0, num_train=240, num_val=0, num_test=0, size=SIZE, progress=False
     )
-    return json.loads((out / "annotations" / "instances_train.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def moderate(moderate_root: Path) -> dict:
+    return json.loads((moderate_root / "annotations" / "instances_train.json").read_text())
+
+
+def test_default_difficulty_is_the_benchmark_dataset(moderate_root: Path, moderate: dict) -> None:
+    """The digests of generator v1 before the difficulty knobs existed: the defaults must keep every pixel."""
+    text = json.dumps(moderate, sort_keys=True).encode()
+    assert hashlib.sha256(text).hexdigest() == "519de631ae37b80cfd3d2756f66209d49d4b87a274e5c7e1850e347e77bd6106"
+    pixels = hashlib.sha256()
+    for image in moderate["images"]:
+        pixels.update(np.asarray(Image.open(moderate_root / "train" / image["file_name"])).tobytes())
+    assert pixels.hexdigest() == "f28d7341fa5db1319486679a083a35e2b9d384c111745fe4ca4bb96fe645b7c6"
+    assert builtin_dataset_name(0, 800, 200, 200, 128, Difficulty()) == "synth-v1-s0-128px-800-200-200"
 
 
 def test_same_arguments_give_byte_identical_files(tmp_path: Path) -> None:
@@ -150,3 +176,41 @@ def test_ensure_builtin_dataset_generates_once_and_ignores_leftovers(
     monkeypatch.setattr(synthetic, "write_synthetic", must_not_run)
     assert ensure_builtin_dataset(tmp_path, **args) == path
 
+
+
+def test_easier_difficulty_has_fewer_classes_larger_and_fewer_objects(tmp_path: Path) -> None:
+    easy = Difficulty(num_classes=3, min_object_px=16, max_objects=2, crowded_prob=0.0)
+    out = write_synthetic(tmp_path, seed=0, num_train=60, num_val=0, num_test=0, size=SIZE, progress=False,
+                          difficulty=easy)
+    doc = json.loads((out / "annotations" / "instances_train.json").read_text())
+    assert [c["name"] for c in doc["categories"]] == list(CLASS_NAMES[:3])
+    assert {a["category_id"] for a in doc["annotations"]} == {1, 2, 3}
+    per_image = np.bincount([a["image_id"] for a in doc["annotations"]], minlength=61)[1:]
+    assert per_image.max() == 2  # no crowded images, at most max_objects
+    longest = np.array([max(a["bbox"][2:]) for a in doc["annotations"]])
+    assert longest.min() >= 0.75 * 16  # a box spans at least ~0.79 of the diameter (a tilted triangle)
+
+
+def test_clutter_off_draws_no_distractors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def forbidden(*args: object) -> None:
+        raise AssertionError("clutter drawn with clutter=False")
+
+    monkeypatch.setattr(synthetic, "_draw_clutter", forbidden)
+    monkeypatch.setattr(synthetic, "_draw_lines_on_top", forbidden)
+    write_synthetic(tmp_path / "plain", num_train=8, num_val=0, num_test=0, size=SIZE, progress=False,
+                    difficulty=Difficulty(clutter=False))
+    with pytest.raises(AssertionError, match="clutter drawn"):
+        write_synthetic(tmp_path / "cluttered", num_train=8, num_val=0, num_test=0, size=SIZE, progress=False)
+
+
+def test_difficulty_from_config_names_its_own_cache_folder(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"data.synth.cache_dir={tmp_path}", "data.synth.num_train=4", "data.synth.num_val=2",
+                             "data.synth.num_test=2", f"data.synth.size={SIZE}", "data.synth.num_classes=4",
+                             "data.synth.min_object_px=12", "data.synth.clutter=false"])
+    root, ann = split_paths(cfg, "val")
+    assert root.parent.name == f"synth-v1-s0-{SIZE}px-4-2-2-k4-min12-noclutter"
+    assert len(json.loads(ann.read_text())["categories"]) == 4
+    with pytest.raises(ConfigError, match="data.synth: num_classes"):
+        load_config(None, ["data.synth.num_classes=9"])
+    with pytest.raises(ConfigError, match="data.synth: crowded_prob"):
+        load_config(None, ["data.synth.crowded_prob=1.0"])

@@ -3,7 +3,9 @@
 Each image shows 0 to ~30 annotated shapes from eight classes on a cluttered background
 with unannotated distractors. Class is carried by outline only: every object draws its
 colours uniformly from the whole RGB cube and its texture from the same five kinds, so
-neither colour nor texture gives the class away.
+neither colour nor texture gives the class away. :class:`Difficulty` makes an easier
+dataset from the same generator (fewer classes, larger and fewer objects, no clutter);
+its defaults give the benchmark dataset, byte for byte.
 
 Conventions:
 - Polygons are in pixel coordinates where pixel (x, y) covers [x, x+1) x [y, y+1), the
@@ -23,7 +25,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -40,9 +42,55 @@ GENERATOR_VERSION = 1
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 _TEXTURES = ("solid", "stripes", "dots", "noise", "gradient")
-_MIN_OBJECT_PX = 8.0
 _MAX_VISIBLE_LOSS = 0.5
 _PLACEMENT_TRIES = 30
+_EMPTY_PROB = 0.03  # share of images with no object at all
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard the built-in dataset is. The defaults are the benchmark dataset, byte for byte.
+
+    Each knob only changes the numbers the generator draws with, never the order of its random
+    draws, except ``clutter=False``, which skips the clutter's draws altogether.
+    """
+
+    num_classes: int = len(CLASS_NAMES)  # the first N of CLASS_NAMES
+    min_object_px: float = 8.0  # smallest object diameter (px); also the smallest distractor's
+    max_objects: int = 12  # an ordinary image has 1 to this many objects
+    crowded_prob: float = 0.08  # share of crowded images: 20-30 objects of at most size / 5
+    clutter: bool = True  # unannotated distractors (blobs, bars, lines, scribbles) and thin lines over objects
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_classes <= len(CLASS_NAMES):
+            raise ValueError(f"num_classes must be 1 to {len(CLASS_NAMES)}, got {self.num_classes}")
+        if self.min_object_px < 2:
+            raise ValueError(f"min_object_px must be at least 2, got {self.min_object_px}")
+        if self.max_objects < 1:
+            raise ValueError(f"max_objects must be at least 1, got {self.max_objects}")
+        if not 0.0 <= self.crowded_prob <= 1.0 - _EMPTY_PROB:
+            raise ValueError(f"crowded_prob must be 0 to {1.0 - _EMPTY_PROB}, got {self.crowded_prob}")
+
+    @classmethod
+    def of(cls, settings: object) -> "Difficulty":
+        """The difficulty named by an object with these fields as attributes (``cfg.data.synth``)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+    def tag(self) -> str:
+        """The part of the dataset's folder name that names the knobs differing from the defaults ('' for none)."""
+        default = Difficulty()
+        parts = []
+        if self.num_classes != default.num_classes:
+            parts.append(f"k{self.num_classes}")
+        if self.min_object_px != default.min_object_px:
+            parts.append(f"min{self.min_object_px:g}")
+        if self.max_objects != default.max_objects:
+            parts.append(f"max{self.max_objects}")
+        if self.crowded_prob != default.crowded_prob:
+            parts.append(f"crowd{self.crowded_prob:g}")
+        if not self.clutter:
+            parts.append("noclutter")
+        return "".join("-" + p for p in parts)
 
 
 def default_cache_dir() -> Path:
@@ -51,13 +99,22 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lgd"
 
 
-def builtin_dataset_name(seed: int, num_train: int, num_val: int, num_test: int, size: int) -> str:
-    """Folder name of the built-in dataset for these parameters, e.g. ``synth-v1-s0-128px-800-200-200``."""
-    return f"synth-v{GENERATOR_VERSION}-s{seed}-{size}px-{num_train}-{num_val}-{num_test}"
+def builtin_dataset_name(
+    seed: int, num_train: int, num_val: int, num_test: int, size: int, difficulty: Difficulty = Difficulty()
+) -> str:
+    """Folder name of the built-in dataset for these parameters, e.g. ``synth-v1-s0-128px-800-200-200``
+    (``...-200-k4-min16-noclutter`` for an easier :class:`Difficulty`)."""
+    return f"synth-v{GENERATOR_VERSION}-s{seed}-{size}px-{num_train}-{num_val}-{num_test}{difficulty.tag()}"
 
 
 def ensure_builtin_dataset(
-    cache_dir: Path, seed: int, num_train: int, num_val: int, num_test: int, size: int
+    cache_dir: Path,
+    seed: int,
+    num_train: int,
+    num_val: int,
+    num_test: int,
+    size: int,
+    difficulty: Difficulty = Difficulty(),
 ) -> Path:
     """Return the built-in dataset folder in ``cache_dir``, generating it on first use.
 
@@ -67,14 +124,16 @@ def ensure_builtin_dataset(
     wins and the other copy is discarded.
     """
     cache_dir = Path(cache_dir)
-    name = builtin_dataset_name(seed, num_train, num_val, num_test, size)
+    name = builtin_dataset_name(seed, num_train, num_val, num_test, size, difficulty)
     target = cache_dir / name
     if target.is_dir():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir))
     try:
-        write_synthetic(tmp, seed=seed, num_train=num_train, num_val=num_val, num_test=num_test, size=size)
+        write_synthetic(
+            tmp, seed=seed, num_train=num_train, num_val=num_val, num_test=num_test, size=size, difficulty=difficulty
+        )
         try:
             tmp.rename(target)
         except OSError:
@@ -94,19 +153,22 @@ def write_synthetic(
     num_test: int = 200,
     size: int = 128,
     progress: bool = True,
+    difficulty: Difficulty = Difficulty(),
 ) -> Path:
     """Write the dataset: ``out_dir/{train,val,test}/*.png`` and ``out_dir/annotations/instances_{split}.json``.
 
     Each split has its own numpy Generator seeded with ``(seed, split index)``, so splits
     never share images and the same arguments give byte-identical files.
     """
-    if size < 4 * _MIN_OBJECT_PX:
-        raise ValueError(f"size must be at least {int(4 * _MIN_OBJECT_PX)} px, got {size}")
+    if size < 4 * difficulty.min_object_px:
+        raise ValueError(f"size must be at least 4 x min_object_px = {4 * difficulty.min_object_px:g} px, got {size}")
     out_dir = Path(out_dir)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     counts = dict(zip(SPLITS, (num_train, num_val, num_test)))
     bar = tqdm(total=sum(counts.values()), desc="synthetic dataset", unit="img", disable=not progress)
-    categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES)]
+    categories = [
+        {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES[: difficulty.num_classes])
+    ]
     with bar:
         for split_index, split in enumerate(SPLITS):
             rng = np.random.default_rng([seed, split_index])
@@ -115,7 +177,7 @@ def write_synthetic(
             images: list[dict] = []
             annotations: list[dict] = []
             for image_id in range(1, counts[split] + 1):
-                pixels, objects = _render_image(rng, size)
+                pixels, objects = _render_image(rng, size, difficulty)
                 file_name = f"{image_id:06d}.png"
                 Image.fromarray(pixels).save(image_dir / file_name, compress_level=1)
                 images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
@@ -184,24 +246,28 @@ class _Occupancy:
             self.visible = np.append(self.visible, area)
 
 
-def _render_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[_Object]]:
+def _render_image(
+    rng: np.random.Generator, size: int, difficulty: Difficulty
+) -> tuple[np.ndarray, list[_Object]]:
     """Draw one image: returns ``(size, size, 3)`` uint8 pixels and its annotated objects."""
     canvas = _background(rng, size)
-    _draw_clutter(rng, canvas)
+    if difficulty.clutter:
+        _draw_clutter(rng, canvas, difficulty.min_object_px)
     occupancy = _Occupancy(size)
     objects: list[_Object] = []
 
+    min_diameter = difficulty.min_object_px
     draw = rng.random()
-    if draw < 0.03:
+    if draw < _EMPTY_PROB:
         wanted, max_diameter = 0, 0.0
-    elif draw < 0.11:
-        wanted, max_diameter = int(rng.integers(20, 31)), max(_MIN_OBJECT_PX + 2, size / 5)
+    elif draw < _EMPTY_PROB + difficulty.crowded_prob:
+        wanted, max_diameter = int(rng.integers(20, 31)), max(min_diameter + 2, size / 5)
     else:
-        wanted, max_diameter = int(rng.integers(1, 13)), size / 2
+        wanted, max_diameter = int(rng.integers(1, difficulty.max_objects + 1)), size / 2
     for _ in range(wanted):
         for _ in range(_PLACEMENT_TRIES):
-            class_index = int(rng.integers(len(CLASS_NAMES)))
-            diameter = float(np.exp(rng.uniform(np.log(_MIN_OBJECT_PX), np.log(max_diameter))))
+            class_index = int(rng.integers(difficulty.num_classes))
+            diameter = float(np.exp(rng.uniform(np.log(min_diameter), np.log(max_diameter))))
             polygons = _place(rng, _SHAPES[class_index](rng), diameter, size)
             y0, x0, mask = _rasterise(polygons, size)
             if occupancy.accepts(y0, x0, mask):
@@ -221,7 +287,8 @@ def _render_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list
                 segmentation=[p.reshape(-1).tolist() for p in polygons],
             )
         )
-    _draw_lines_on_top(rng, canvas, occupancy)
+    if difficulty.clutter:
+        _draw_lines_on_top(rng, canvas, occupancy)
     noise = rng.normal(0.0, rng.uniform(0.0, 6.0), size=canvas.shape).astype(np.float32)
     return np.clip(canvas + noise, 0, 255).astype(np.uint8), objects
 
@@ -397,11 +464,12 @@ def _bar(rng: np.random.Generator) -> list[np.ndarray]:
     return [_rotate(outline, rng.uniform(0, np.pi))]
 
 
-def _draw_clutter(rng: np.random.Generator, canvas: np.ndarray) -> None:
-    """Unannotated distractors under the objects: textured blobs and bars, lines and scribbles."""
+def _draw_clutter(rng: np.random.Generator, canvas: np.ndarray, min_diameter: float) -> None:
+    """Unannotated distractors under the objects: textured blobs and bars (at least ``min_diameter`` px
+    across, like the objects), lines and scribbles."""
     size = canvas.shape[0]
     for make in [_blob] * int(rng.integers(0, 4)) + [_bar] * int(rng.integers(0, 3)):
-        diameter = float(np.exp(rng.uniform(np.log(_MIN_OBJECT_PX), np.log(size / 2.5))))
+        diameter = float(np.exp(rng.uniform(np.log(min_diameter), np.log(size / 2.5))))
         y0, x0, mask = _rasterise(_place(rng, make(rng), diameter, size), size)
         _paint_textured(rng, canvas, y0, x0, mask)
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
