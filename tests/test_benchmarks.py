@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lgd.files import to_json
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -46,8 +48,8 @@ def test_accuracy_benchmark_quick(tmp_path, monkeypatch):
 
 
 def _same(a, b) -> bool:
-    """Equal as JSON: NaN equals NaN, tuples equal lists."""
-    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    """Equal as result.json stores them: NaN as null, tuples as lists."""
+    return to_json(a, sort_keys=True) == to_json(b, sort_keys=True)
 
 
 def test_accuracy_benchmark_keeps_finished_runs_and_resumes_unfinished_ones(tmp_path, monkeypatch):

@@ -173,7 +173,8 @@ def test_nan_policy_skip_leaves_the_model_alone_and_logs_the_step(tiny_config, m
         assert torch.equal(v, after["model"][k]), k
     assert after["optimisation"]["schedulers"][0]["last_epoch"] == 2  # the schedule still moved on
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["kind"], r["iter"]) for r in records] == [("train", 1), ("skip", 2), ("eval", 2)]
+    assert [(r["kind"], r["iter"], r.get("split")) for r in records] == [
+        ("train", 1, None), ("skip", 2, None), ("eval", 2, "val"), ("eval", 2, "val_teacher")]
     assert records[1]["terms"] == ["loss_distill"] and records[1]["gradients"] == []
     assert len(records[1]["image_ids"]) == 2
 

@@ -22,7 +22,7 @@ from lgd.data.synthetic import (
     ensure_builtin_dataset,
     write_synthetic,
 )
-from lgd.engine import split_paths
+from lgd.builders import split_paths
 from lgd.errors import ConfigError
 
 SIZE = 64
