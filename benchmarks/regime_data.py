@@ -29,14 +29,14 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from lgd.atomic import ensure_dir
 
 # Bumped whenever rendering changes, so a cached dataset or backbone of an older generator is not reused.
 GENERATOR_VERSION = 1
@@ -555,22 +555,7 @@ def ensure_target_dataset(cache_dir: Path, **params: float) -> Path:
     if unknown:
         raise TypeError(f"unknown target dataset parameters: {sorted(unknown)}")
     p = {**TARGET_DEFAULTS, **params}
-    target = Path(cache_dir) / target_dataset_name(**p)
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write_target_dataset(tmp, **p)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return ensure_dir(Path(cache_dir) / target_dataset_name(**p), lambda tmp: write_target_dataset(tmp, **p))
 
 
 def regime_cache_dir(cache_dir: Optional[str] = None) -> Path:

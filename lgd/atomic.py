@@ -7,6 +7,8 @@ permissions any new file gets (0666 less the umask, e.g. 0644 under umask 022), 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -32,3 +34,28 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def ensure_dir(target: Path, write: Callable[[Path], None]) -> Path:
+    """Return folder ``target``, first calling ``write(folder)`` on a fresh temporary sibling renamed into place.
+
+    An interrupted ``write`` leaves no folder at ``target`` (only a ``.<name>.tmp-*`` sibling, never mistaken for a
+    finished one, and removed on failure). When two processes write at once, the first rename wins and the other
+    copy is discarded. An existing ``target`` is returned untouched.
+    """
+    target = Path(target)
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

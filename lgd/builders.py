@@ -18,7 +18,7 @@ from lgd.data.synthetic import Difficulty, default_cache_dir
 from lgd.detectors import VIEWS, build_detector
 from lgd.distiller import LGD
 from lgd.errors import ConfigError, LGDError
-from lgd.evaluation import check_categories, read_categories
+from lgd.evaluation import Categories, check_categories, read_categories
 from lgd.trainable import Baseline, Trainable
 
 def resolve_device(name: str) -> torch.device:
@@ -99,18 +99,25 @@ def to_device(images: list[Tensor], targets: list[dict], device: torch.device) -
     return images, targets
 
 
+def load_trained_model(cfg: Config, weights: Optional[Path] = None) -> tuple[Trainable, Categories, Path]:
+    """The model a run trained (``weights`` or ``output_dir/model_final.pth``), the categories it was trained on and
+    the file read: no image is opened (exporting a model needs no dataset)."""
+    path = Path(weights) if weights else Path(cfg.output_dir) / FINAL
+    ckpt = load_checkpoint(path)
+    # checkpoints written before categories were stored: the config's training split's annotation file
+    categories = ckpt.get("categories") or read_categories(split_paths(cfg, "train")[1])
+    model = build_model(cfg, len(categories["ids"]))
+    load_model_weights(model, ckpt)
+    return model, categories, path
+
+
 def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tuple[Trainable, CocoDetection]:
     """The model a run trained (``weights`` or ``output_dir/model_final.pth``) and the split's evaluation dataset.
 
     Raises:
         DatasetError: the split's categories differ from the model's.
     """
-    path = Path(weights) if weights else Path(cfg.output_dir) / FINAL
     dataset = build_dataset(cfg, split, train=False)
-    ckpt = load_checkpoint(path)
-    # checkpoints written before categories were stored: the config's training split's
-    trained_on = ckpt.get("categories") or read_categories(split_paths(cfg, "train")[1])
-    check_categories(trained_on, dataset, split, f"checkpoint {path}")
-    model = build_model(cfg, dataset.num_classes)
-    load_model_weights(model, ckpt)
+    model, categories, path = load_trained_model(cfg, weights)
+    check_categories(categories, dataset, split, f"checkpoint {path}")
     return model, dataset

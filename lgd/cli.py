@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -11,7 +10,7 @@ import torch
 import torchvision
 
 from lgd import __version__
-from lgd.errors import LGDError
+from lgd.errors import LGDError, user_message
 from lgd.evaluation import EvalResult, format_percent
 from lgd.files import to_json
 
@@ -216,20 +215,23 @@ def _teacher_verdict(student: EvalResult, teacher: EvalResult) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lgd.builders import load_trained
+    from lgd.builders import build_dataset, load_trained_model
+    from lgd.detectors import VIEWS
     from lgd.export import export_onnx, export_student
 
     cfg = _load(args)
-    model, dataset = load_trained(cfg, "train", args.weights)
+    model, categories, _ = load_trained_model(cfg, args.weights)
     student = model.student
     out = Path(args.out or Path(cfg.output_dir) / f"student.{args.format}")
-    meta = (dataset.class_names, dataset.cat_ids, dataset.label_offset)
+    meta = (categories["names"], categories["ids"], VIEWS[cfg.model.arch].label_offset)
     if args.format == "pth":
         export_student(student, cfg.model, *meta, out)
         print(f"exported the student ({type(student).__name__}: weights and the metadata that rebuilds it, "
               f"no LGD modules) to {out}")
         return
-    # two images of different shapes (where the split has them) show that the graph follows the input size
+    # the ONNX graph is checked against PyTorch on images of the training split; two of different shapes (where the
+    # split has them) show that the graph follows the input size
+    dataset = build_dataset(cfg, "train", train=False)
     picks = sorted({0, len(dataset) // 2, len(dataset) - 1})
     images = [dataset[i][0].as_subclass(torch.Tensor) for i in picks]
     parity = export_onnx(student, cfg.model, *meta, images, out)
@@ -325,7 +327,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         status = COMMANDS[args.command](args)
     except LGDError as e:
-        print(f"lgd: error: {e}", file=sys.stderr)
+        print(f"lgd: error: {user_message(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         return 0

@@ -19,3 +19,17 @@ class WeightsError(LGDError):
 
 class TrainingError(LGDError):
     """Training cannot go on (for example a loss became NaN or infinite)."""
+
+
+def user_message(error: LGDError) -> str:
+    """The message of ``error`` without the worker traceback torch's DataLoader wraps around it.
+
+    An error raised in a DataLoader worker process is re-raised in the main process as the same type whose message
+    is "Caught X in DataLoader worker process N. Original Traceback ... lgd.errors.X: <message>"; the user needs only
+    <message>.
+    """
+    text = str(error)
+    marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+    if text.startswith("Caught ") and "Original Traceback" in text and marker in text:
+        return text[text.rindex(marker) + len(marker):].rstrip()
+    return text

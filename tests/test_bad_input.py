@@ -458,3 +458,22 @@ def test_predict_writes_what_succeeded_even_when_stopped_and_names_pictures_apar
     records = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert records == [{"file": str(tmp_path / "x.jpg"), "picture": "x.jpg.png", "detections": [
         {"box_xyxy": [1.0, 2.0, 9.0, 8.0], "score": 0.9, "category_id": 7, "class_name": "dog"}]}]
+
+
+class _BrokenRecords(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        raise DatasetError(f"ann.json: image record {index}, field 'file_name': imgs/a.png does not exist")
+
+
+def test_an_error_in_a_dataloader_worker_reaches_the_user_without_the_worker_traceback():
+    from lgd.errors import user_message
+
+    loader = torch.utils.data.DataLoader(_BrokenRecords(), num_workers=1)
+    with pytest.raises(DatasetError) as caught:
+        next(iter(loader))
+    assert "Original Traceback" in str(caught.value)  # what torch re-raises in the main process
+    assert user_message(caught.value) == "ann.json: image record 0, field 'file_name': imgs/a.png does not exist"
+    assert user_message(DatasetError("plain\nmessage")) == "plain\nmessage"

@@ -75,6 +75,18 @@ def test_export_onnx_from_the_cli(tiny_config, tmp_path, capsys):
     assert meta["arch"] == "fasterrcnn" and len(json.loads(meta["class_names"])) == 8
 
 
+def test_export_needs_the_checkpoint_not_the_training_images(tiny_config, tmp_path, capsys):
+    cfg = tiny_config("solver.max_iter=1", "checkpoint_period=1")
+    train(cfg, progress=False)
+    cfg.data.train.root = str(tmp_path / "images-deleted-after-training")
+    save_config(cfg, tmp_path / "cfg.yaml")
+    assert main(["export", "-c", str(tmp_path / "cfg.yaml")]) == 0
+    exported = torch.load(Path(cfg.output_dir) / "student.pth", weights_only=True)
+    names = json.loads((Path(cfg.data.train.ann)).read_text())["categories"]
+    assert exported["class_names"] == [c["name"] for c in sorted(names, key=lambda c: c["id"])]
+    assert exported["category_ids"] == sorted(c["id"] for c in names) and exported["label_offset"] == 0
+
+
 def _detections(*rows: tuple[float, int, float]) -> dict[str, torch.Tensor]:
     """(x offset of a 10 px box, label, score) per detection."""
     return {"boxes": torch.tensor([[x, 0.0, x + 10, 10] for x, _, _ in rows]).reshape(-1, 4),

@@ -13,7 +13,7 @@ import yaml
 
 from helpers import strict_json
 from lgd import __version__
-from lgd.atomic import atomic_write_text
+from lgd.atomic import atomic_write_text, ensure_dir
 from lgd.cli import main
 from lgd.config import ModelConfig, config_from_dict, load_config, save_config
 from lgd.detectors import build_detector
@@ -48,6 +48,22 @@ def test_atomic_writes_respect_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "a.pth").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "a.txt", "private.txt"]  # no temporaries left
+
+
+def test_ensure_dir_renames_a_complete_folder_into_place_and_leaves_nothing_after_a_failure(tmp_path):
+    def fail(folder: Path) -> None:
+        (folder / "half.txt").write_text("x")
+        raise ValueError("interrupted")
+
+    with pytest.raises(ValueError, match="interrupted"):
+        ensure_dir(tmp_path / "data", fail)
+    assert list(tmp_path.iterdir()) == []  # neither a finished-looking folder nor a temporary
+    calls = []
+    write = lambda folder: (calls.append(folder), (folder / "done.txt").write_text("ok"))
+    assert ensure_dir(tmp_path / "data", write) == tmp_path / "data"
+    assert ensure_dir(tmp_path / "data", write) == tmp_path / "data"  # cached: not written again
+    assert len(calls) == 1 and (tmp_path / "data" / "done.txt").read_text() == "ok"
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
 
 
 def test_every_file_a_run_writes_loads_weights_only_parses_strictly_and_is_readable(tiny_config, tmp_path, capsys):

@@ -9,7 +9,6 @@ moves these numbers far beyond the tolerance.
 """
 from __future__ import annotations
 
-import re
 import zlib
 from pathlib import Path
 

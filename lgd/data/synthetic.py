@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -33,6 +31,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from ..atomic import ensure_dir
 
 CLASS_NAMES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "ring", "hexagon", "diamond",
@@ -123,26 +123,13 @@ def ensure_builtin_dataset(
     never mistaken for a dataset. When two processes generate at once, the first rename
     wins and the other copy is discarded.
     """
-    cache_dir = Path(cache_dir)
     name = builtin_dataset_name(seed, num_train, num_val, num_test, size, difficulty)
-    target = cache_dir / name
-    if target.is_dir():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=cache_dir))
-    try:
-        write_synthetic(
+    return ensure_dir(
+        Path(cache_dir) / name,
+        lambda tmp: write_synthetic(
             tmp, seed=seed, num_train=num_train, num_val=num_val, num_test=num_test, size=size, difficulty=difficulty
-        )
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        ),
+    )
 
 
 def write_synthetic(
