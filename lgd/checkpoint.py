@@ -27,8 +27,8 @@ CHECKPOINT = "last.pth"  # always the newest checkpoint (a hard link to the newe
 FINAL = "model_final.pth"
 NUMBERED = re.compile(r"model_(\d{7})\.pth")
 # Keys that may change between a run and its --resume: where and how fast it runs, not what it computes.
-RUNTIME_KEYS = ("device", "threads", "data.workers", "keep_checkpoints", "checkpoint_period", "log_period",
-                "eval_period", "solver.nan_policy")
+RUNTIME_KEYS = ("output_dir", "device", "threads", "data.workers", "keep_checkpoints", "checkpoint_period",
+                "log_period", "eval_period", "solver.nan_policy")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -165,8 +165,11 @@ def load_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
     saved, now = flatten(to_dict(config_from_dict(ckpt["config"]))), flatten(to_dict(cfg))
     differ = [k for k, v in now.items() if k not in RUNTIME_KEYS and saved[k] != v]
     if differ:
+        longer = ("; a finished schedule cannot be extended (its LR steps and LGD windows are placed by "
+                  "solver.max_iter): train a new run from it with model.weights=" + str(path.parent / FINAL) + ")"
+                  if "solver.max_iter" in differ else "")
         raise LGDError(f"--resume: the config differs from the one {path} was trained with ({', '.join(differ)}); "
-                       f"resume with -c {path.parent / 'config.yaml'}")
+                       f"resume with -c {path.parent / 'config.yaml'}" + longer)
     return ckpt
 
 

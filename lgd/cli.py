@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +19,13 @@ OVERRIDES_HELP = "config overrides as dotted KEY=VALUE, e.g. solver.max_iter=200
 
 
 def _no_progress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (the default when stderr is not a terminal, e.g. a log file)")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars only on a terminal: redrawn bars written to a log file leave cursor codes between the lines."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -68,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="an image file or a folder of images (its top level; hidden files are left out)")
     p.add_argument("--model", required=True, help="a student written by `lgd export`")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="drawn and saved detections score at least this")
+    p.add_argument("--score-thresh", type=float, default=0.3,
+                   help="drawn and saved detections score at least this (default: 0.3)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     _no_progress(p)
 
@@ -82,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="pth", choices=("pth", "onnx"), help="pth (default) or onnx")
     p.add_argument("--out", help="output file (default: output_dir/student.pth or student.onnx)")
 
-    p = sub.add_parser("summary", help="parameter counts of student, teacher and adapter as JSON")
+    p = sub.add_parser("summary", help="parameter counts of student, teacher and adapter as JSON",
+                       description="Count the parameters of the student (the deployed detector), LGD's teacher and "
+                                   "adapter (training only) for a config, as JSON. No weights are loaded and no "
+                                   "dataset is read when --num-classes is given.")
     _config_args(p)
     p.add_argument("--num-classes", type=int, help="K (default: the training dataset's category count)")
 
@@ -157,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = _load(args)
     try:
-        out = train(cfg, resume=args.resume, progress=not args.no_progress)
+        out = train(cfg, resume=args.resume, progress=_progress(args))
     except TrainingInterrupted as e:
         if e.is_main:
             print(f"lgd: {e}", file=sys.stderr)
@@ -186,7 +197,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for name in ("student", "teacher") if args.teacher else ("student",):
         out_file = weights.parent / f"detections_{args.split}_{name}.json"
         results[name] = evaluate(model, dataset, cfg, device, teacher=name == "teacher", out_file=out_file,
-                                 progress=not args.no_progress, desc=f"eval {name} ({args.split})", split=args.split)
+                                 progress=_progress(args), desc=f"eval {name} ({args.split})", split=args.split)
         written.append(out_file)
     student = results["student"]
     _print_result(student, f"{student.name} evaluation of {weights} on {args.split}")
@@ -239,6 +250,10 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"checked with onnxruntime against PyTorch on {parity}")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from lgd.builders import resolve_device
     from lgd.export import load_student
@@ -248,13 +263,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model.to(device)
     out = Path(args.out)
-    result = predict(model, meta, Path(args.input), out, args.score_thresh, device, progress=not args.no_progress)
+    result = predict(model, meta, Path(args.input), out, args.score_thresh, device, progress=_progress(args))
     if result.hidden:
         print(f"left out {len(result.hidden)} hidden files (e.g. {result.hidden[0].name})", file=sys.stderr)
     for reason in result.skipped:
         print(f"lgd: skipped {reason}", file=sys.stderr)
-    print(f"{len(result.records)} images, {result.detections} detections -> {out}"
-          + (f"; {len(result.skipped)} images skipped (see above)" if result.skipped else ""))
+    print(f"{_count(len(result.records), 'image')}, {_count(result.detections, 'detection')} -> {out}"
+          + (f"; {_count(len(result.skipped), 'image')} skipped (see above)" if result.skipped else ""))
     return 1 if result.skipped else 0
 
 
@@ -293,14 +308,14 @@ def cmd_data(args: argparse.Namespace) -> None:
         from lgd.data.stats import dataset_stats, plot_stats
 
         cfg = _load(args)
-        stats = dataset_stats(CocoDetection(*split_paths(cfg, args.split)).coco.dataset)
+        stats = dataset_stats(CocoDetection(*split_paths(cfg, args.split)))
         out = plot_stats(stats, Path(args.out or Path(cfg.output_dir) / f"stats_{args.split}.png"), args.split)
         print(f"{args.split}: {stats.text()}\nplot: {out}")
     else:
         from lgd.data.synthetic import write_synthetic
 
         out = write_synthetic(Path(args.out), seed=args.seed, num_train=args.train, num_val=args.val,
-                              num_test=args.test, size=args.size, progress=not args.no_progress)
+                              num_test=args.test, size=args.size, progress=_progress(args))
         print(f"wrote the synthetic dataset to {out}")
 
 
@@ -322,8 +337,14 @@ COMMANDS = {
 }
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line for the user: the library's source line tells them nothing."""
+    return f"lgd: warning: {message}\n"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _format_warning
     try:
         status = COMMANDS[args.command](args)
     except LGDError as e:

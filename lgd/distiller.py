@@ -151,8 +151,12 @@ class LGD(Trainable):
     def describe(self) -> str:
         """LGD's training-only parts and when distillation reaches the student, for the training summary."""
         millions = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (self.teacher, self.adapter)]
-        return (f"on: implicit teacher {millions[0]:.2f} M + adapter {millions[1]:.2f} M parameters, training only; "
-                f"the student learns from distillation after iteration {self.pre_distill_iters}")
+        parts = (f"on: implicit teacher {millions[0]:.2f} M + adapter {millions[1]:.2f} M parameters, training only; "
+                 f"the student learns from distillation after iteration {self.pre_distill_iters}")
+        if self.max_iter and self.pre_distill_iters >= self.max_iter:
+            parts += (f" — WARNING: this run ends at iteration {self.max_iter}, so the student never learns from "
+                      f"distillation (shorten lgd.pre_distill_iters with solver.max_iter)")
+        return parts
 
     def may_leave_parameters_unused(self, start: int, images_may_lack_objects: bool) -> bool:
         """LGD's frozen-backbone window still ahead, or a teacher without context box on a rank whose images may

@@ -51,14 +51,17 @@ class MetricsLog:
         self.tb.close()
 
 
-def truncate_metrics(path: Path, iteration: int) -> None:
-    """On resume, drop records written after the checkpoint so the log reads as one uninterrupted run."""
+def truncate_metrics(path: Path, iteration: int, final: bool = False) -> None:
+    """On resume, drop records written after the checkpoint so the log reads as one uninterrupted run; with
+    ``final`` (the checkpoint is the last iteration, whose evaluation the resumed run repeats) also the evaluation
+    records of that iteration."""
     if not path.is_file():
         return
     keep = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["iter"] <= iteration:
+            record = json.loads(line)
+            if record["iter"] < iteration or (record["iter"] == iteration and not (final and record["kind"] == "eval")):
                 keep.append(line)
         except (ValueError, KeyError):
             continue

@@ -107,10 +107,15 @@ def load_student(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """
     path = Path(path)
     payload = load_torch_file(path, "exported model")
+    if isinstance(payload, dict) and "model" in payload and "format" not in payload:
+        raise LGDError(f"{path} is a training checkpoint, not an exported model: export the student first with "
+                       f"`lgd export -c {path.parent / 'config.yaml'}` (add `--weights {path}` for another "
+                       f"checkpoint than model_final.pth) and pass the student.pth it writes")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise LGDError(f"{path} is not a student written by this version of `lgd export` (format {FORMAT}); "
-                       "export the run again with `lgd export -c CONFIG` (a training checkpoint is used with "
-                       "-c and --weights instead)")
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise LGDError(f"{path} is not a student written by this version of `lgd export` (format {FORMAT}"
+                       + (f", this file says {found}" if found else "") + "); export the run again with "
+                       "`lgd export -c CONFIG`")
     try:
         model = build_student(payload)
     except LGDError as e:

@@ -58,7 +58,8 @@ class NanPolicy(Hook):
 
 class MetricsWriter(Hook):
     """Every ``period`` iterations and at the last: the loss terms averaged over ranks, the total loss, the
-    learning rates and the seconds per iteration, to metrics.jsonl / TensorBoard and the progress bar. The same
+    learning rates and the seconds per iteration, to metrics.jsonl / TensorBoard and the progress bar — or, without
+    a progress bar (``--no-progress``, a log file), as a printed line every ``5 * period`` iterations. The same
     values go to ``monitor``, whose warnings (a loss term stuck at a degenerate value) are printed."""
 
     def __init__(self, log: Optional[MetricsLog], period: int, monitor: Optional[DegenerateLossMonitor] = None) -> None:
@@ -78,9 +79,13 @@ class MetricsWriter(Hook):
         if self.log is not None:
             now = time.perf_counter()
             lrs = trainer.optimization.lrs()
-            self.log.train(done, values, float(step.total), lrs, (now - self.last) / self.period)
+            seconds_per_iter = (now - self.last) / self.period
+            self.log.train(done, values, float(step.total), lrs, seconds_per_iter)
             self.last = now
             trainer.bar.set_postfix(loss=f"{float(step.total):.3f}", lr=f"{lrs[0]:.2g}")
+            if trainer.bar.disable and (done % (5 * self.period) == 0 or done == trainer.max_iter):
+                trainer.say(f"iter {done}/{trainer.max_iter}: loss {float(step.total):.3f}, lr {lrs[0]:.3g}, "
+                            f"{seconds_per_iter:.2f} s/iter")
         if self.monitor is not None:
             for message in self.monitor.update(done, values):
                 trainer.say(f"lgd: warning: {message}")

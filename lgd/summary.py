@@ -82,7 +82,7 @@ def _split_lines(cfg: Config, split: str, dataset: CocoDetection) -> list[tuple[
         source = f"{s.format} {s.root}, converted once to {dataset.ann_file}"
     else:
         source = f"{dataset.ann_file}, images in {dataset.root}"
-    stats = dataset_stats(dataset.coco.dataset)
+    stats = dataset_stats(dataset)
     counts = f"{stats.images} images, {stats.objects} objects, {len(stats.per_class)} classes"
     if len(dataset) < stats.images:
         counts += f"; {len(dataset)} images with objects are trained on (data.filter_empty)"

@@ -125,7 +125,7 @@ def _resume(cfg: Config, ctx: Context, out: Path, model: Trainable, optimization
 def _start_records(cfg: Config, out: Path, resume: bool, start: int) -> None:
     """metrics.jsonl continued after iteration ``start`` on resume, else begun afresh; config.yaml written."""
     if resume:
-        truncate_metrics(out / "metrics.jsonl", start)
+        truncate_metrics(out / "metrics.jsonl", start, final=start >= cfg.solver.max_iter)
     else:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     save_config(cfg, out / "config.yaml")

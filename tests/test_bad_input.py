@@ -435,7 +435,7 @@ def test_predict_on_a_real_folder_skips_what_it_cannot_read_and_keeps_the_rest(t
     assert Image.open(out / "a_good.png").size == (800, 600)
     assert f"image file {folder / 'empty.jpg'} cannot be read: the file is empty" in captured.err
     assert "left out 1 hidden files (e.g. ._a_good.png)" in captured.err
-    assert "2 images," in captured.out and "1 images skipped" in captured.out
+    assert "2 images," in captured.out and "1 image skipped" in captured.out
 
 
 class _FailsOnSecondImage(_Recorder):

@@ -152,3 +152,9 @@ def test_teacher_diagnostic_returns_detections():
     images, targets = batch("retinanet")
     out = model.teacher_detect(images, targets)
     assert len(out) == 2 and {"boxes", "scores", "labels"} <= set(out[0])
+
+
+def test_the_summary_warns_when_the_run_ends_before_distillation_starts():
+    assert "never learns from distillation" not in tiny_lgd("fcos", pre_distill_iters=99).describe()  # max_iter 100
+    text = tiny_lgd("fcos", pre_distill_iters=100).describe()
+    assert "WARNING: this run ends at iteration 100, so the student never learns from distillation" in text

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,25 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tiny_config, t
     with pytest.raises(LGDError, match="config differs"):
         train(tiny_config(f"output_dir={tmp_path / 'c'}", "solver.max_iter=2", "solver.base_lr=0.5"),
               resume=True, progress=False)
+    with pytest.raises(LGDError, match=r"solver.max_iter\).*cannot be extended.*model.weights=.*model_final.pth"):
+        train(tiny_config(f"output_dir={tmp_path / 'c'}", "solver.max_iter=3"), resume=True, progress=False)
+
+
+def test_a_finished_run_resumes_from_a_copied_folder_without_doubling_its_records(tiny_config, tmp_path):
+    from lgd.config import ModelConfig
+    from lgd.detectors import build_detector
+
+    train(tiny_config(f"output_dir={tmp_path / 'c'}", "solver.max_iter=2"), progress=False)
+    shutil.copytree(tmp_path / "c", tmp_path / "copy")
+    train(tiny_config(f"output_dir={tmp_path / 'copy'}", "solver.max_iter=2"), resume=True, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "copy" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iter"], r["split"]) for r in records if r["kind"] == "eval"] == [(2, "val"), (2, "val_teacher")]
+    # an LGD run's checkpoint as whole-detector weights of a new run: the student's tensors
+    cfg = tiny_config()
+    student = build_detector(ModelConfig(**{**vars(cfg.model), "weights": str(tmp_path / "c" / FINAL)}), 8)
+    trained = load_checkpoint(tmp_path / "c" / FINAL)["model"]
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, trained[f"student.{name}"]), name
 
 
 def test_a_nan_loss_stops_training_with_a_clear_message(tiny_config, monkeypatch):

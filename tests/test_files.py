@@ -95,6 +95,9 @@ def test_every_file_a_run_writes_loads_weights_only_parses_strictly_and_is_reada
     ckpt = load_checkpoint(run / "last.pth")
     assert isinstance(ckpt["rng"][0]["numpy"]["state"]["key"], list)  # no numpy array inside
     assert ckpt["categories"]["names"] == load_student(run / "student.pth")[1]["class_names"]
+    with pytest.raises(LGDError, match=r"model_final.pth is a training checkpoint, not an exported model: export "
+                                       r"the student first with `lgd export -c .*config.yaml`"):
+        load_student(run / "model_final.pth")
 
 
 def test_files_that_need_more_than_weights_only_are_refused_with_what_they_hold(tmp_path):

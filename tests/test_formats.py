@@ -93,8 +93,8 @@ def test_crowdhuman_box_types_and_ignore_regions():
     assert all(a["ignore"] == a["iscrowd"] for a in head["annotations"])
 
 
-def test_stats_of_a_converted_split():
-    stats = dataset_stats(voc.to_coco(VOC, "train"))
+def test_stats_of_a_converted_split(tmp_path):
+    stats = dataset_stats(CocoDetection(*cached_conversion("voc", VOC, "train", "", "full", tmp_path)))
     assert (stats.images, stats.objects, stats.ignored, stats.empty_images) == (3, 4, 1, 0)
     assert stats.per_class["dog"] == 2 and stats.per_class["person"] == 0 and len(stats.per_class) == 20
     # sqrt(w * h) of 12x16, 21x17, 15x11, 17x15: all below 32 px
@@ -290,3 +290,17 @@ def test_new_subcommands_have_help(capsys):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0 and "usage: lgd" in capsys.readouterr().out
+
+
+def test_stats_count_what_training_uses_not_the_records_it_skips(tmp_path):
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "area": 100, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 8], "area": 0, "iscrowd": 0},  # zero-size
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [30, 20, 20, 20], "area": 400, "iscrowd": 0}]
+    doc = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}], "annotations": anns,
+           "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(doc))
+    with pytest.warns(UserWarning, match="skipped 1 annotations with zero-size boxes"):
+        stats = dataset_stats(CocoDetection(tmp_path, tmp_path / "ann.json"))
+    assert (stats.images, stats.objects, stats.per_class) == (1, 2, {"thing": 2})
+    assert sorted(stats.sizes) == pytest.approx([10.0, 10.0])  # the second clipped to its image: 10 x 10

@@ -102,6 +102,13 @@ class CocoDetection(torch.utils.data.Dataset):
         state["_coco"] = None
         return state
 
+    def trained_objects(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The objects training uses, as loaded: ``boxes`` (M, 4) float32 XYXY pixels clipped to their image,
+        ``classes`` (M,) int64 class indices (into ``class_names``) and ``per_image`` (images,) int64 counts in
+        file order, every image record included (also those ``filter_empty`` drops). Crowd annotations and the
+        ones skipped at load (zero-size, outside the image) are not in them."""
+        return self._boxes, self._labels, np.diff(self._starts).astype(np.int64)
+
     def label_to_category_id(self, label: int) -> int:
         """Category id of a model label (``label = class index + label_offset``)."""
         index = int(label) - self.label_offset

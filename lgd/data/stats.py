@@ -1,18 +1,22 @@
 """What a dataset holds: images, objects, the class histogram and the object size distribution.
 
-Works on any COCO instances dict, so on every format once converted. Sizes are ``sqrt(w * h)`` of
-the box in pixels, bucketed with COCO's small / medium / large area limits (32², 96²).
+Counts what training uses (a loaded ``CocoDetection``: boxes clipped to their image, annotations skipped at load
+left out), so on every format once converted. Sizes are ``sqrt(w * h)`` of the box in pixels, bucketed with COCO's
+small / medium / large area limits (32², 96²).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
+
+if TYPE_CHECKING:
+    from lgd.data.coco import CocoDetection
 
 SMALL, LARGE = 32.0, 96.0  # COCO's area limits are SMALL**2 and LARGE**2
 
@@ -60,23 +64,18 @@ class DatasetStats:
         return "\n".join(lines)
 
 
-def dataset_stats(data: dict[str, Any]) -> DatasetStats:
-    """Statistics of a validated COCO instances dict (``CocoDetection(...).coco.dataset``)."""
-    names = {c["id"]: c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])}
-    anns = [a for a in data["annotations"] if not a.get("iscrowd", 0)]
-    per_class = dict.fromkeys(names.values(), 0)
-    for a in anns:
-        per_class[names[a["category_id"]]] += 1
-    image_pos = {img["id"]: i for i, img in enumerate(data["images"])}
-    per_image = np.bincount([image_pos[a["image_id"]] for a in anns], minlength=len(image_pos)).astype(np.int64)
-    wh = np.array([a["bbox"][2:] for a in anns], dtype=np.float64).reshape(-1, 2)
+def dataset_stats(dataset: CocoDetection) -> DatasetStats:
+    """Statistics of a split as training sees it (see ``CocoDetection.trained_objects``)."""
+    boxes, classes, per_image = dataset.trained_objects()
+    counts = np.bincount(classes, minlength=dataset.num_classes)
+    wh = (boxes[:, 2:] - boxes[:, :2]).astype(np.float64)
     return DatasetStats(
-        images=len(image_pos),
+        images=len(per_image),
         empty_images=int((per_image == 0).sum()),
-        objects=len(anns),
-        ignored=len(data["annotations"]) - len(anns),
-        per_class=per_class,
-        sizes=np.sqrt(np.clip(wh, 0, None).prod(axis=1)),
+        objects=len(boxes),
+        ignored=sum(1 for a in dataset.coco.dataset["annotations"] if a.get("iscrowd", 0)),
+        per_class={name: int(n) for name, n in zip(dataset.class_names, counts)},
+        sizes=np.sqrt(wh.prod(axis=1)),
         per_image=per_image,
     )
 

@@ -38,7 +38,10 @@ def _read_weights(spec: str, key: str) -> dict[str, Tensor]:
         obj = load_torch_file(path, f"{key} weights file", WeightsError)
         for field in ("model", "state_dict"):  # a training checkpoint, an lgd export, a common wrapper
             if isinstance(obj, dict) and isinstance(obj.get(field), dict):
-                return obj[field]
+                obj = obj[field]
+                break
+        if isinstance(obj, dict) and any(str(k).startswith("student.") for k in obj):  # an LGD run's checkpoint
+            return {k[len("student."):]: v for k, v in obj.items() if k.startswith("student.")}
         return obj
     try:
         weights = models.get_weight(spec)

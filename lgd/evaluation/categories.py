@@ -53,7 +53,7 @@ def check_categories(model: Categories, dataset: "CocoDetection", split: str, so
     if own == {"ids": list(model["ids"]), "names": list(model["names"])}:
         return
     raise DatasetError(
-        f"the {split} split {dataset.ann_file} has {_describe(own)}, but the model was trained on "
+        f"the {split} split {dataset.ann_file} has {_describe(own)}, but the model's categories are "
         f"{_describe(model)} ({source}). Its labels would be scored as the wrong classes; evaluate on a split "
         f"with the training categories (same names and ids): set data.{split}.root and data.{split}.ann."
     )
