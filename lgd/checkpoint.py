@@ -93,12 +93,16 @@ def save_checkpoint(state: dict[str, Any], out: Path, iteration: int, keep: int)
     return path
 
 
-def prepare_output_dir(out: Path) -> None:
+def prepare_output_dir(out: Path, resume: bool = False) -> None:
     """Create ``out`` and prove it writable before any work starts; remove temporaries that killed writes left.
 
     Raises TrainingError naming the folder and the reason, so an unwritable folder is reported before the
-    dataset is read or a model built, not at the first checkpoint hours later.
+    dataset is read or a model built, not at the first checkpoint hours later; and when ``out`` already holds a
+    run's checkpoint and this is not a resume, since starting afresh would overwrite that run.
     """
+    if not resume and (out / CHECKPOINT).is_file():
+        raise TrainingError(f"output_dir {out} already holds a run ({CHECKPOINT}); continue it with --resume, or "
+                            "start a new run in another output_dir (or delete this one to start it over)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".lgd-write-test.", suffix=".tmp") as probe:

@@ -12,7 +12,7 @@ import torchvision
 
 from lgd import __version__
 from lgd.errors import LGDError, user_message
-from lgd.evaluation import EvalResult, format_percent
+from lgd.evaluation import EvalResult, format_percent, teacher_ahead
 from lgd.files import to_json
 
 OVERRIDES_HELP = "config overrides as dotted KEY=VALUE, e.g. solver.max_iter=200 data.train.root=/data/coco/train2017"
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="pth: the student's weights and the metadata that rebuilds it as a plain "
                                    "torchvision detector; loads with torch.load(weights_only=True) (see README). "
                                    "onnx: one image in, boxes/scores/labels out, checked against PyTorch with "
-                                   "onnxruntime on a few training images (needs pip install 'lgd[onnx]').")
+                                   "onnxruntime on a few training images (needs pip install -e \".[onnx]\").")
     _config_args(p)
     p.add_argument("--weights", help="checkpoint (default: output_dir/model_final.pth)")
     p.add_argument("--format", default="pth", choices=("pth", "onnx"), help="pth (default) or onnx")
@@ -216,8 +216,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _teacher_verdict(student: EvalResult, teacher: EvalResult) -> str:
     """What the teacher diagnostic's AP against the student's means."""
-    s, t = student.metrics[student.headline], teacher.metrics[teacher.headline]
-    if t > s:
+    if teacher_ahead(student.metrics[student.headline], teacher.metrics[teacher.headline]):
         return ("The teacher is above the student: its features serve the detection head better than the student's "
                 "own, so it has something to teach. It is a diagnostic, not a model to deploy: it needs the labels.")
     return ("The teacher is not above the student: its features serve the detection head no better than the "

@@ -106,6 +106,9 @@ def load_student(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             written by an older ``lgd export`` held a pickled model, which is not loaded).
     """
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        raise LGDError(f"{path} is an ONNX graph: `lgd predict` and load_student read the .pth export "
+                       "(`lgd export -c CONFIG`); run ONNX files with onnxruntime (README, \"Evaluate, export, predict\")")
     payload = load_torch_file(path, "exported model")
     if isinstance(payload, dict) and "model" in payload and "format" not in payload:
         raise LGDError(f"{path} is a training checkpoint, not an exported model: export the student first with "
@@ -207,7 +210,7 @@ def export_onnx(
         import onnxruntime  # noqa: F401  (used by onnx_parity; checked here so nothing is exported in vain)
     except ImportError as e:
         raise LGDError(f"`lgd export --format onnx` needs the onnx and onnxruntime packages ({e}); install them "
-                       "with pip install 'lgd[onnx]' (or pip install onnx onnxruntime)") from None
+                       "with pip install -e \".[onnx]\" in the lgd checkout (or pip install onnx onnxruntime)") from None
     model = deployable(student, model_cfg)
     wrapped = SingleImage(model).eval()
     names = wrapped.outputs

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 from lgd import distributed
 from lgd.checkpoint import Checkpointer
 from lgd.errors import TrainingError
-from lgd.evaluation import EvalResult
+from lgd.evaluation import EvalResult, teacher_ahead
 from lgd.events import MetricsLog
 from lgd.loss_monitor import DegenerateLossMonitor
 from lgd.signals import TrainingInterrupted
@@ -58,7 +58,8 @@ class NanPolicy(Hook):
 
 class MetricsWriter(Hook):
     """Every ``period`` iterations and at the last: the loss terms averaged over ranks, the total loss, the
-    learning rates and the seconds per iteration, to metrics.jsonl / TensorBoard and the progress bar — or, without
+    learning rates and the seconds per iteration (mean over the steps since the last record, evaluations and
+    checkpoints left out), to metrics.jsonl / TensorBoard and the progress bar — or, without
     a progress bar (``--no-progress``, a log file), as a printed line every ``5 * period`` iterations. The same
     values go to ``monitor``, whose warnings (a loss term stuck at a degenerate value) are printed."""
 
@@ -66,22 +67,25 @@ class MetricsWriter(Hook):
         self.log = log
         self.period = period
         self.monitor = monitor
-        self.last = time.perf_counter()
+        self.started = time.perf_counter()
+        self.busy, self.steps = 0.0, 0
 
-    def before_train(self, trainer: Trainer) -> None:
-        self.last = time.perf_counter()
+    def before_step(self, trainer: Trainer) -> None:
+        self.started = time.perf_counter()
 
     def after_step(self, trainer: Trainer) -> None:
+        # seconds per iteration: batch loading and the step, not the evaluations and checkpoints between steps
+        self.busy += time.perf_counter() - self.started
+        self.steps += 1
         done, step = trainer.done, trainer.result
         if done % self.period and done != trainer.max_iter:
             return
         values = distributed.mean_over_ranks(trainer.ctx, {k: float(v) for k, v in step.losses.items()})
         if self.log is not None:
-            now = time.perf_counter()
             lrs = trainer.optimization.lrs()
-            seconds_per_iter = (now - self.last) / self.period
+            seconds_per_iter = self.busy / self.steps
+            self.busy, self.steps = 0.0, 0
             self.log.train(done, values, float(step.total), lrs, seconds_per_iter)
-            self.last = now
             trainer.bar.set_postfix(loss=f"{float(step.total):.3f}", lr=f"{lrs[0]:.2g}")
             if trainer.bar.disable and (done % (5 * self.period) == 0 or done == trainer.max_iter):
                 trainer.say(f"iter {done}/{trainer.max_iter}: loss {float(step.total):.3f}, lr {lrs[0]:.3g}, "
@@ -122,7 +126,7 @@ class PeriodicEval(Hook):
             if teacher is not None:
                 self.log.eval(done, "val_teacher", teacher.metrics)
                 teacher_ap = teacher.metrics[teacher.headline]
-                verdict = "above the student: it has something to teach" if teacher_ap > student_ap else \
+                verdict = "above the student: it has something to teach" if teacher_ahead(student_ap, teacher_ap) else \
                     "not above the student: distilling it cannot lift the student"
                 line += f"; teacher diagnostic {teacher_ap:.2f} % ({verdict})"
             say(line)

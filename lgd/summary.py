@@ -56,6 +56,17 @@ def training_summary(cfg: Config, ctx: Context, train_set: CocoDetection, val_se
     processes = f", {ctx.world_size} processes" if ctx.distributed else ""
     weights = m.weights or m.backbone_weights or "none (from scratch)"
     evaluation = f"every {cfg.eval_period} iterations and at the end" if cfg.eval_period else "at the end"
+    resuming = ""
+    if start >= s.max_iter:
+        resuming = f", already finished (iteration {start}): only its final evaluation runs again"
+    elif start:
+        resuming = f", resuming after iteration {start}"
+    late = [f"the warm-up (solver.warmup_iters={s.warmup_iters}) never reaches lr {s.base_lr}"] \
+        if s.warmup_iters >= s.max_iter else []
+    if s.schedule == "multistep" and any(step >= s.max_iter for step in s.steps):
+        late.append(f"solver.steps={list(s.steps)} reach past the last iteration")
+    if late:
+        resuming += f" — WARNING: {'; '.join(late)}: scale them with solver.max_iter"
     threads = torch.get_num_threads()
     lines = [
         ("config", cfg.source),
@@ -65,8 +76,8 @@ def training_summary(cfg: Config, ctx: Context, train_set: CocoDetection, val_se
         ("model", f"{m.arch}, ResNet-{m.depth}-FPN (width {m.fpn_channels}, {m.norm}), {count(student) / 1e6:.2f} M "
                   f"parameters, images {'/'.join(map(str, m.min_size))} px (max {m.max_size}); weights: {weights}"),
         ("LGD", model.describe()),
-        ("schedule", f"{s.max_iter} iterations of {cfg.data.batch_size} images, lr {s.base_lr}"
-                     + (f", resuming after iteration {start}" if start else "") + f"; evaluation on val {evaluation}"),
+        ("schedule", f"{s.max_iter} iterations of {cfg.data.batch_size} images, lr {s.base_lr}; evaluation on val "
+                     f"{evaluation}{resuming}"),
         ("output", f"{cfg.output_dir} (config.yaml, checkpoints, metrics.jsonl, tensorboard/, plots)"),
     ]
     width = max(len(k) for k, _ in lines)

@@ -39,6 +39,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
 
     Launched by torchrun, every process runs this with the same config and they train one model together
     (lgd/distributed.py); only rank 0 writes files, and only its return value carries the ``result``.
+
+    Raises:
+        TrainingError: ``output_dir`` is not writable, or already holds a run and ``resume`` is false; a loss or
+            gradient stopped being finite (``solver.nan_policy=stop``).
+        LGDError: ``resume`` without a checkpoint, or with a config that differs from the checkpoint's.
     """
     ctx = distributed.init(resolve_device(cfg.device))
     try:
@@ -50,7 +55,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
 def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str, Any]:
     """``train`` in this process; the order of the steps up to the data loader is that of the random streams."""
     out = Path(cfg.output_dir)
-    train_set, val_set = _prepare(cfg, ctx, out)
+    train_set, val_set = _prepare(cfg, ctx, out, resume)
     check_categories(dataset_categories(train_set), val_set, "val", f"training split {train_set.ann_file}")
     model = build_model(cfg, train_set.num_classes)
     if cfg.model.sync_bn and ctx.distributed:
@@ -101,10 +106,10 @@ def _check_runtime(cfg: Config, ctx: Context) -> None:
     distributed.per_rank_batch(cfg.data.batch_size, ctx.world_size, cfg.solver.accumulate)
 
 
-def _prepare(cfg: Config, ctx: Context, out: Path) -> tuple[CocoDetection, CocoDetection]:
+def _prepare(cfg: Config, ctx: Context, out: Path, resume: bool) -> tuple[CocoDetection, CocoDetection]:
     """The checks made before any work (settings, output folder), threads and seeds; the train and val sets."""
     _check_runtime(cfg, ctx)
-    distributed.share_from_main(ctx, lambda: prepare_output_dir(out))
+    distributed.share_from_main(ctx, lambda: prepare_output_dir(out, resume))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)

@@ -80,6 +80,9 @@ def test_a_finished_run_resumes_from_a_copied_folder_without_doubling_its_record
     from lgd.detectors import build_detector
 
     train(tiny_config(f"output_dir={tmp_path / 'c'}", "solver.max_iter=2"), progress=False)
+    with pytest.raises(TrainingError, match=r"output_dir .*c already holds a run \(last.pth\); continue it with "
+                                            r"--resume"):
+        train(tiny_config(f"output_dir={tmp_path / 'c'}", "solver.max_iter=2"), progress=False)  # forgot --resume
     shutil.copytree(tmp_path / "c", tmp_path / "copy")
     train(tiny_config(f"output_dir={tmp_path / 'copy'}", "solver.max_iter=2"), resume=True, progress=False)
     records = [json.loads(line) for line in (tmp_path / "copy" / "metrics.jsonl").read_text().splitlines()]
@@ -148,3 +151,18 @@ def test_the_teacher_is_evaluated_on_val_during_training(tiny_config, capsys, ov
     assert evals == {"val": [2, 4], "val_teacher": teacher_evals}
     printed = capsys.readouterr()
     assert ("teacher diagnostic" in printed.out + printed.err) == bool(teacher_evals)
+
+
+def test_the_summary_warns_about_a_schedule_that_reaches_past_the_run(tiny_config):
+    from lgd.builders import build_dataset, build_model
+    from lgd.distributed import Context
+    from lgd.summary import training_summary
+
+    cfg = tiny_config("solver.max_iter=30", "solver.warmup_iters=100", "solver.steps=[20,40]")
+    train_set = val_set = build_dataset(cfg, "val", train=False)
+    text = training_summary(cfg, Context(device=torch.device("cpu")), train_set, val_set, build_model(cfg, 8), 0)
+    assert ("WARNING: the warm-up (solver.warmup_iters=100) never reaches lr 0.01; solver.steps=[20, 40] reach past "
+            "the last iteration: scale them with solver.max_iter") in text
+    ok = tiny_config()
+    assert "WARNING" not in training_summary(ok, Context(device=torch.device("cpu")), train_set, val_set,
+                                             build_model(ok, 8), 0)

@@ -100,6 +100,18 @@ def test_every_file_a_run_writes_loads_weights_only_parses_strictly_and_is_reada
         load_student(run / "model_final.pth")
 
 
+def test_an_onnx_file_given_as_the_exported_model_says_what_reads_it(tmp_path):
+    (tmp_path / "student.onnx").write_bytes(b"\x08\x07")
+    with pytest.raises(LGDError, match=r"student.onnx is an ONNX graph: `lgd predict` and load_student read the .pth"):
+        load_student(tmp_path / "student.onnx")
+
+
+def test_the_teacher_leads_only_by_a_difference_that_shows():
+    from lgd.evaluation import teacher_ahead
+
+    assert teacher_ahead(5.0, 5.01) and not teacher_ahead(0.0, 3.6e-06) and not teacher_ahead(5.0, 4.0)
+
+
 def test_files_that_need_more_than_weights_only_are_refused_with_what_they_hold(tmp_path):
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pth")
     with pytest.raises(LGDError, match=r"checkpoint .*pickled.pth holds Python objects \(torch.nn.modules.linear."

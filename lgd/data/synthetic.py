@@ -152,7 +152,8 @@ def write_synthetic(
     out_dir = Path(out_dir)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     counts = dict(zip(SPLITS, (num_train, num_val, num_test)))
-    bar = tqdm(total=sum(counts.values()), desc="synthetic dataset", unit="img", disable=not progress)
+    # disable=None: tqdm draws no bar where stderr is not a terminal (a log file)
+    bar = tqdm(total=sum(counts.values()), desc="synthetic dataset", unit="img", disable=None if progress else True)
     categories = [
         {"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CLASS_NAMES[: difficulty.num_classes])
     ]

@@ -8,7 +8,8 @@ from pathlib import Path
 from pycocotools.coco import COCO
 
 from lgd.evaluation.categories import Categories, check_categories, dataset_categories, read_categories
-from lgd.evaluation.coco import EvalResult, detections_to_coco, evaluate_coco, format_percent, save_results
+from lgd.evaluation.coco import (EvalResult, detections_to_coco, evaluate_coco, format_percent, save_results,
+                                 teacher_ahead)
 from lgd.evaluation.crowdhuman import evaluate_crowdhuman
 from lgd.evaluation.voc import evaluate_voc
 
@@ -45,5 +46,5 @@ def evaluate_detections(
 __all__ = [
     "METRICS", "Categories", "EvalResult", "auto_metric", "check_categories", "dataset_categories",
     "detections_to_coco", "evaluate_coco", "evaluate_crowdhuman", "evaluate_detections", "evaluate_voc",
-    "format_percent", "read_categories", "save_results",
+    "format_percent", "read_categories", "save_results", "teacher_ahead",
 ]

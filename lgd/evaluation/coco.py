@@ -217,6 +217,12 @@ def format_percent(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f} %"
 
 
+def teacher_ahead(student_ap: float, teacher_ap: float) -> bool:
+    """Whether the teacher diagnostic's AP is above the student's as printed (two decimals, in percent): a
+    difference too small to show is no lead."""
+    return round(teacher_ap, 2) > round(student_ap, 2)
+
+
 def _empty_results(coco_gt: COCO) -> COCO:
     """A result set with no detections; loadRes cannot build one (it reads anns[0])."""
     res = COCO()
