@@ -119,7 +119,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert not (tmp_path / "model_0000002.pth").exists()
     leftovers = list(tmp_path.glob(".model_0000002.pth.*.tmp"))
     assert len(leftovers) == 1 and leftovers[0].read_bytes() == b"half a checkpoint"
-    checkpoint.prepare_output_dir(tmp_path)  # what the next run does first
+    checkpoint.prepare_output_dir(tmp_path, resume=True)  # what the resuming run does first
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "model_0000001.pth"]
 
 
