@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "deployable model). Above the student, the teacher has something to teach; below, it has not")
 
     p = sub.add_parser("predict", help="detect objects in an image or a folder of images",
-                       description="Write detections.json (every detection above the threshold) and one PNG per "
+                       description="Write detections.json (every detection scoring at least the threshold) and one PNG per "
                                    "image: one class-coloured box per object with its class name and score, "
                                    "small images drawn upscaled. An image that cannot be read is reported and "
                                    "skipped; exit status 1 then, 0 when every image was predicted.")

@@ -152,7 +152,7 @@ class Config:
     eval_period: int = _f(0, "evaluate on val every this many iterations (0 = only at the end)")
     checkpoint_period: int = _f(1000, "write a checkpoint every this many iterations (and at the end)")
     keep_checkpoints: int = _f(3, "numbered checkpoints model_NNNNNNN.pth kept (the newest); last.pth is always the newest")
-    log_period: int = _f(20, "iterations between metrics.jsonl / TensorBoard records")
+    log_period: int = _f(20, "iterations between metrics.jsonl / TensorBoard records; without a progress bar (a log file, --no-progress) a loss line is printed every 5 x log_period")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and loading"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the detector (the student)"})
     solver: SolverConfig = field(default_factory=SolverConfig, metadata={"help": "student optimisation"})
