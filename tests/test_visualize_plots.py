@@ -76,6 +76,15 @@ def test_one_box_per_object_keeps_the_best_class_of_a_stack() -> None:
     assert one_box_per_object(_stacked(), score_thresh=0.95)["boxes"].shape == (0, 4)
 
 
+def test_nested_boxes_of_one_class_are_drawn_once_and_overlapping_objects_of_two_classes_twice() -> None:
+    # IoU of the two boxes: 0.6 (above the per-class 0.5, below the class-agnostic 0.7)
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 24.0, 40.0]])
+    same = {"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([3, 3])}
+    assert one_box_per_object(same, score_thresh=0.5)["scores"].tolist() == pytest.approx([0.9])
+    other = {**same, "labels": torch.tensor([3, 1])}
+    assert one_box_per_object(other, score_thresh=0.5)["labels"].tolist() == [1, 3]
+
+
 def test_small_images_are_drawn_upscaled_one_coloured_box_per_object_with_legible_labels() -> None:
     image = torch.full((3, 48, 64), 0.5)
     pixels = np.asarray(draw_detections(image, _stacked(), ["cat", "dog", "bird"], score_thresh=0.5))
