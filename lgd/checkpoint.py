@@ -17,6 +17,7 @@ from torch import nn
 from lgd import distributed
 from lgd.atomic import atomic_write
 from lgd.config import Config, config_from_dict, flatten, to_dict
+from lgd.detectors.weights import is_lgd_state, student_state
 from lgd.distributed import Context
 from lgd.errors import LGDError, TrainingError
 from lgd.files import load_torch_file
@@ -148,17 +149,11 @@ def load_model_weights(model: Trainable, checkpoint: Union[Path, dict[str, Any]]
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     state = ckpt["model"]
-    if _is_lgd_state(state) and _is_lgd_state(model.state_dict()):
+    if is_lgd_state(state) and is_lgd_state(model.state_dict()):
         model.load_state_dict(state)
-    elif _is_lgd_state(state):
-        model.student.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
     else:
-        model.student.load_state_dict(state)
+        model.student.load_state_dict(student_state(state))
     return ckpt
-
-
-def _is_lgd_state(state: dict[str, Any]) -> bool:
-    return any(k.startswith("student.") for k in state)
 
 
 def load_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:

@@ -65,8 +65,7 @@ def training_summary(cfg: Config, ctx: Context, train_set: CocoDetection, val_se
         if s.warmup_iters >= s.max_iter else []
     if s.schedule == "multistep" and any(step >= s.max_iter for step in s.steps):
         late.append(f"solver.steps={list(s.steps)} reach past the last iteration")
-    if late:
-        resuming += f" — WARNING: {'; '.join(late)}: scale them with solver.max_iter"
+    warning = f" — WARNING: {'; '.join(late)}: scale them with solver.max_iter" if late else ""
     threads = torch.get_num_threads()
     lines = [
         ("config", cfg.source),
@@ -77,7 +76,7 @@ def training_summary(cfg: Config, ctx: Context, train_set: CocoDetection, val_se
                   f"parameters, images {'/'.join(map(str, m.min_size))} px (max {m.max_size}); weights: {weights}"),
         ("LGD", model.describe()),
         ("schedule", f"{s.max_iter} iterations of {cfg.data.batch_size} images, lr {s.base_lr}; evaluation on val "
-                     f"{evaluation}{resuming}"),
+                     f"{evaluation}{resuming}{warning}"),
         ("output", f"{cfg.output_dir} (config.yaml, checkpoints, metrics.jsonl, tensorboard/, plots)"),
     ]
     width = max(len(k) for k, _ in lines)

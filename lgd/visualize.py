@@ -50,14 +50,12 @@ def one_box_per_object(detections: dict[str, torch.Tensor], score_thresh: float,
     For the picture only: where the detector reports one object under several classes, the best-scoring
     class is kept. Returns the same keys, rows in ascending score order (so the best is drawn on top).
     """
-    scores = detections["scores"].detach().cpu()
-    boxes = detections["boxes"].detach().cpu().float()
+    detections = {k: v.detach().cpu() for k, v in detections.items()}
+    scores, boxes = detections["scores"], detections["boxes"].float()
     keep = torch.nonzero(scores >= score_thresh).flatten()
-    keep = keep[batched_nms(boxes[keep], scores[keep], detections["labels"].detach().cpu()[keep],
-                            PICTURE_CLASS_NMS_IOU)]
-    kept = nms(boxes[keep], scores[keep], iou)
-    order = keep[kept].flip(0)
-    return {k: v.detach().cpu()[order] for k, v in detections.items()}
+    keep = keep[batched_nms(boxes[keep], scores[keep], detections["labels"][keep], PICTURE_CLASS_NMS_IOU)]
+    order = keep[nms(boxes[keep], scores[keep], iou)].flip(0)
+    return {k: v[order] for k, v in detections.items()}
 
 
 def draw_detections(

@@ -32,6 +32,19 @@ def load_into(module: nn.Module, spec: str, key: str, strict: bool) -> None:
         raise WeightsError(f"{key}={spec}: {len(missing)} tensors missing, e.g. {missing[0]}")
 
 
+def is_lgd_state(state: dict[str, Tensor]) -> bool:
+    """Whether a model state is an LGD model's, which names the student's tensors ``student.*``."""
+    return any(str(k).startswith("student.") for k in state)
+
+
+def student_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The detector's tensors in a model state: an LGD state's ``student.*`` entries without the prefix (teacher and
+    adapter left out), any other state as it is."""
+    if not is_lgd_state(state):
+        return state
+    return {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+
+
 def _read_weights(spec: str, key: str) -> dict[str, Tensor]:
     path = Path(spec).expanduser()
     if path.suffix in (".pth", ".pt") or path.exists():
@@ -40,9 +53,7 @@ def _read_weights(spec: str, key: str) -> dict[str, Tensor]:
             if isinstance(obj, dict) and isinstance(obj.get(field), dict):
                 obj = obj[field]
                 break
-        if isinstance(obj, dict) and any(str(k).startswith("student.") for k in obj):  # an LGD run's checkpoint
-            return {k[len("student."):]: v for k, v in obj.items() if k.startswith("student.")}
-        return obj
+        return student_state(obj) if isinstance(obj, dict) else obj
     try:
         weights = models.get_weight(spec)
     except (ValueError, KeyError, AttributeError):
