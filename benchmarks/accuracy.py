@@ -69,7 +69,7 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     cfg = load_config(config, overrides)
     done = Path(cfg.output_dir) / "result.json"
     if done.is_file() and json.loads(done.read_text()).get("overrides") == overrides:
-        return json.loads(done.read_text())
+        return {**json.loads(done.read_text()), "teacher_val_curve": _val_curve(cfg.output_dir, "val_teacher")}
     out = train(cfg, resume=(Path(cfg.output_dir) / "last.pth").is_file(), progress=False)
     model, test = load_trained(cfg, "test")
     device = resolve_device(cfg.device)
@@ -77,15 +77,23 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     result = evaluate(model, test, cfg, device, progress=False, split="test")
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     step_times = [r["time"] for r in records if r["kind"] == "train"]
-    curve = [(r["iter"], r["metrics"]["bbox/AP"]) for r in records if r["kind"] == "eval" and r["split"] == "val"]
     run = {"overrides": overrides, "max_iter": cfg.solver.max_iter, "test": result.metrics,
            "val_final": out["metrics"], "seconds_per_iter": statistics.median(step_times[1:] or step_times),
-           "val_curve": curve, "device": str(device)}
+           "val_curve": _val_curve(cfg.output_dir, "val"), "teacher_val_curve": _val_curve(cfg.output_dir, "val_teacher"),
+           "device": str(device)}
     if teacher:
         run["teacher_test"] = evaluate(model, test, cfg, device, teacher=True, progress=False, split="test").metrics
     run["wall_s"] = time.perf_counter() - started
     atomic_write_text(Path(cfg.output_dir) / "result.json", to_json(run, indent=1))
     return run
+
+
+def _val_curve(output_dir: str, split: str) -> list[tuple[int, float]]:
+    """[(iteration, AP in percent)] of a run's evaluations on ``split`` ("val", or "val_teacher" for the teacher
+    diagnostic that ``lgd.eval_teacher`` logs), from its metrics.jsonl."""
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return [(r["iter"], r["metrics"]["bbox/AP"]) for r in records if r["kind"] == "eval" and r["split"] == split]
 
 
 def calibrate_one(config: str, overrides: list[str]) -> float:
@@ -338,10 +346,22 @@ def main(argv: list[str] | None = None) -> dict:
             rows = variant_rows("LGD (default)", "lgd", []) + rows
             entry["ablations"] = [{"name": n, "overrides": o, "seed": s, "run": r} for n, o, s, r, _ in rows]
             md.append(ablation_table(f"{arch}: ablations ({chosen[arch]} iterations), test split", rows))
-        curves = {f"{kind} seed {seed}": run["val_curve"] for (a, kind, seed), run in results.items()
-                  if a == arch and kind in kinds and run["val_curve"]}
+        # both students and the teacher diagnostic on one figure: colour = what, line style = seed
+        colours = {"baseline": "tab:blue", "lgd": "tab:orange", "teacher": "tab:green"}
+        dashes = ["-", "--", ":", "-."]
+        curves, styles = {}, {}
+        for (a, kind, seed), run in sorted(results.items()):
+            if a != arch or kind not in kinds:
+                continue
+            named = [(f"{kind} seed {seed}", kind, run["val_curve"])]
+            if kind == "lgd":
+                named.append((f"teacher (of lgd) seed {seed}", "teacher", run.get("teacher_val_curve", [])))
+            for name, what, points in named:
+                if points:
+                    curves[name] = points
+                    styles[name] = {"color": colours[what], "linestyle": dashes[args.seeds.index(seed) % len(dashes)]}
         if curves:
-            plot_ap_curves(curves, out / f"ap_vs_iter_{arch}.png", f"{arch}: val AP vs iteration")
+            plot_ap_curves(curves, out / f"ap_vs_iter_{arch}.png", f"{arch}: val AP vs iteration", styles)
         not_run = [f"{k} seed {s}" for a, k, s in skipped if a == arch]
         not_run += [f"{k} seed {s} (failed: {why})" for (a, k, s), why in failed.items() if a == arch]
         if not_run:

@@ -162,13 +162,15 @@ def _plot_ap(evals: list[dict], out: Path) -> Path | None:
     return out
 
 
-def plot_ap_curves(curves: dict[str, list[tuple[int, float]]], out: Path, title: str) -> Path:
+def plot_ap_curves(curves: dict[str, list[tuple[int, float]]], out: Path, title: str,
+                   styles: dict[str, dict] | None = None) -> Path:
     """Several named AP-vs-iteration curves on one figure, e.g. baseline against LGD.
 
     Args:
         curves: name -> [(iteration, AP in percent), ...].
         out: the PNG to write; its folder is created.
         title: the figure title.
+        styles: name -> matplotlib line keywords (``color``, ``linestyle``, ...) for some curves.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +180,7 @@ def plot_ap_curves(curves: dict[str, list[tuple[int, float]]], out: Path, title:
     for name, points in curves.items():
         if points:
             iters, values = zip(*sorted(points))
-            axes.plot(iters, values, marker="o", markersize=3, label=name)
+            axes.plot(iters, values, label=name, **({"marker": "o", "markersize": 3} | (styles or {}).get(name, {})))
     axes.set_title(title)
     axes.set_xlabel("iteration")
     axes.set_ylabel("AP (%)")

@@ -225,3 +225,43 @@ def test_accuracy_benchmark_pretrained_regime_quick(tmp_path, monkeypatch):
     again, overrides = _load("accuracy").prepare_pretrained_regime(quick=True)  # what a second invocation does first
     assert again["pretraining_paid_here"] is False and again["sha256"] == regime["sha256"]
     assert set(overrides) <= set(lgd["overrides"])
+
+
+def test_attention_stats_measures_own_label_same_class_and_entropy():
+    import torch
+
+    stats = _load("teacher_probe").attention_stats
+    # one image: two objects of class 0 and the context box; object 0 looks only at its own label, object 1
+    # spreads its attention evenly over the three keys
+    weights = torch.tensor([[[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.0, 0.0, 1.0]]])
+    classes = torch.tensor([[0, 0, -1]])
+    valid = torch.tensor([[True, True, True]])
+    is_context = torch.tensor([[False, False, True]])
+    got = stats(weights, classes, valid, is_context)
+    assert got["objects"] == 2  # the context box is a key, never a query
+    assert got["own"] == pytest.approx((1 + 1 / 3) / 2) and got["own_chance"] == pytest.approx(1 / 3)
+    assert got["same_class"] == pytest.approx((1 + 2 / 3) / 2) and got["same_class_chance"] == pytest.approx(2 / 3)
+    assert got["argmax_own"] == pytest.approx(0.5)  # object 1's largest weight (a tie) is not its own label
+    assert got["entropy"] == pytest.approx(0.5)  # 0 for the one-hot row, 1 for the uniform one
+
+
+def test_teacher_probe_measures_a_trained_lgd_checkpoint(tiny_config, tmp_path):
+    from lgd.training import train
+
+    cfg = tiny_config("model.arch=fcos", "solver.max_iter=2", "threads=1")
+    train(cfg, progress=False)
+    run = Path(cfg.output_dir)
+    out = tmp_path / "probe.jsonl"
+    (record,) = _load("teacher_probe").main(["-c", str(run / "config.yaml"), "--checkpoints",
+                                             str(run / "model_final.pth"), "--batches", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    assert record["iteration"] == 2
+    levels = len(record["distill_per_level"])
+    assert levels == len(record["attention"]) == 5
+    for level in record["attention"]:
+        assert 0 <= level["entropy"] <= 1 + 1e-6 and 0 <= level["own"] <= 1 and level["objects"] > 0
+    grads = record["grad_norm"]
+    assert grads["head"]["student"] > 0 and grads["head"]["teacher"] > 0  # the teacher's pass trains the head too
+    assert grads["head"]["distill"] == 0  # distillation acts on features, never on the head
+    assert grads["fpn"]["distill"] > 0  # past pre-distillation (1 iteration) the student learns from the teacher
+    assert {"loss_distill", "teacher/classification"} <= set(record["losses"])

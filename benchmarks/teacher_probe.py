@@ -1,0 +1,190 @@
+"""Why a teacher trails its student: measurements of a trained LGD run at its saved checkpoints (issue 13).
+
+For each checkpoint it runs the same ``--batches`` training batches (no optimizer step) and writes one JSON line:
+- **attention** of the relation adapter (``student_guided``: each object's appearance queries the objects' label
+  embeddings), per FPN level, averaged over heads and over the real objects of images with at least two objects
+  (context box included as a key, never as a query): the weight on the object's own label (``own``) against chance
+  (1 / the number of keys), the weight on labels of its own class (``same_class``) against chance, the share of
+  objects whose largest weight is their own label (``argmax_own``), and the entropy divided by its maximum
+  log(keys) (``entropy``: 1 = uniform, the labels are mixed without regard to which object is which);
+- the **distillation loss per level**: the mean squared error between the instance-normalised adapted student
+  map and the teacher map (``lgd.distiller.distillation_loss`` on one level), before ``lgd.distill_weight``;
+- **gradient norms per loss group** (student detection, teacher detection, distillation, each as weighted in
+  training): at the shared head's parameters, and at the student's FPN maps (what the body and FPN learn from);
+- every loss term.
+
+    python benchmarks/teacher_probe.py -c RUN/config.yaml --checkpoints RUN/model_0000900.pth RUN/model_final.pth \\
+        --out probe.jsonl [KEY=VALUE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lgd.builders import build_dataset, build_model, seed_everything, to_device  # noqa: E402
+from lgd.checkpoint import load_checkpoint, load_model_weights  # noqa: E402
+from lgd.config import load_config  # noqa: E402
+from lgd.data import build_train_loader  # noqa: E402
+from lgd.distiller import distillation_loss  # noqa: E402
+from lgd.teacher.descriptors import pad_objects  # noqa: E402
+
+
+def attention_stats(weights: Tensor, classes: Tensor, valid: Tensor, is_context: Tensor) -> dict[str, float]:
+    """Where objects look, for one level.
+
+    Args:
+        weights: (B, N, N) attention weights (queries x keys), averaged over heads; padded keys carry weight 0.
+        classes: (B, N) class ids, -1 for the context box and padding.
+        valid: (B, N) bool, real objects and the context box.
+        is_context: (B, N) bool.
+
+    Returns:
+        means over the queries counted (real objects of images with >= 2 keys) of ``own``, ``own_chance``,
+        ``same_class``, ``same_class_chance``, ``argmax_own``, ``entropy`` (0-1), and their number ``objects``.
+    """
+    sums = dict.fromkeys(("own", "own_chance", "same_class", "same_class_chance", "argmax_own", "entropy"), 0.0)
+    count = 0
+    for b in range(weights.shape[0]):
+        keys = valid[b]
+        n_keys = int(keys.sum())
+        if n_keys < 2:
+            continue
+        for n in torch.nonzero(valid[b] & ~is_context[b]).flatten().tolist():
+            w = weights[b, n]
+            same = keys & (classes[b] == classes[b, n])
+            sums["own"] += float(w[n])
+            sums["own_chance"] += 1.0 / n_keys
+            sums["same_class"] += float(w[same].sum())
+            sums["same_class_chance"] += float(same.sum()) / n_keys
+            sums["argmax_own"] += float(int(w.argmax()) == n)
+            p = w[keys].clamp_min(1e-12)
+            sums["entropy"] += float(-(p * p.log()).sum()) / math.log(n_keys)
+            count += 1
+    return {**{k: v / max(count, 1) for k, v in sums.items()}, "objects": count}
+
+
+def _head(student: torch.nn.Module) -> torch.nn.Module:
+    """The head the student and the teacher share: one-stage detectors' ``head``, the R-CNNs' RPN and ROI heads."""
+    if hasattr(student, "head"):
+        return student.head
+    return torch.nn.ModuleList([student.rpn, student.roi_heads])
+
+
+def _norm(grads) -> float:
+    parts = [g.flatten() for g in grads if g is not None]
+    return float(torch.cat(parts).norm()) if parts else 0.0
+
+
+def probe(cfg, checkpoint: Path, batches: list) -> dict:
+    """The measurements of one checkpoint over ``batches`` (lists of (images, targets)); see the module docstring."""
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(cfg, len(ckpt["categories"]["ids"]))
+    load_model_weights(model, ckpt)
+    model.train()
+    model.set_iteration(int(ckpt["iteration"]))
+    teacher = model.teacher
+    captured: dict = {"attention": [], "teacher_in": [], "fpn": [], "inside": False}
+
+    def on_attention(module, args, kwargs, output):
+        if captured["inside"]:  # the hook's own call below
+            return
+        captured["inside"] = True
+        with torch.no_grad():
+            _, w = module(*args, key_padding_mask=kwargs.get("key_padding_mask"), need_weights=True,
+                          average_attn_weights=True)
+        captured["inside"] = False
+        captured["attention"].append(w)
+
+    hooks = [teacher.relation.attention.register_forward_hook(on_attention, with_kwargs=True)
+             if teacher.relation.attention is not None else None,
+             teacher.register_forward_hook(lambda m, a, out: captured["teacher_in"].append((a, out))),
+             model.student.backbone.register_forward_hook(lambda m, a, out: captured["fpn"].append(list(out.values())))]
+    head_params = [p for p in _head(model.student).parameters() if p.requires_grad]
+    levels: list[list[dict]] = []
+    distill_levels: list[list[float]] = []
+    grads: dict[str, dict[str, list[float]]] = {"head": {}, "fpn": {}}
+    losses_seen: dict[str, list[float]] = {}
+    for images, targets in batches:
+        for key in ("attention", "teacher_in", "fpn"):
+            captured[key].clear()
+        losses = model(images, targets)
+        for k, v in losses.items():
+            losses_seen.setdefault(k, []).append(float(v.detach()))
+        (features, boxes, classes, size, _masks), out = captured["teacher_in"][0]
+        objects = pad_objects(boxes, classes, size, teacher.context_box)
+        if captured["attention"]:
+            levels.append([attention_stats(w, objects.classes, objects.valid, objects.is_context)
+                           for w in captured["attention"]])
+        index = out.has_objects.nonzero().flatten()
+        with torch.no_grad():
+            distill_levels.append([float(distillation_loss([model.adapter(s[index])], [t[index]]))
+                                   for s, t in zip(captured["fpn"][0], out.features)])
+        groups = {
+            "student": sum(v for k, v in losses.items() if not k.startswith("teacher/") and k != "loss_distill"),
+            "teacher": sum(v for k, v in losses.items() if k.startswith("teacher/")),
+            "distill": losses["loss_distill"],
+        }
+        for name, value in groups.items():
+            g_head = torch.autograd.grad(value, head_params, retain_graph=True, allow_unused=True)
+            g_fpn = torch.autograd.grad(value, captured["fpn"][0], retain_graph=True, allow_unused=True)
+            grads["head"].setdefault(name, []).append(_norm(g_head))
+            grads["fpn"].setdefault(name, []).append(_norm(g_fpn))
+    for hook in hooks:
+        if hook is not None:
+            hook.remove()
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    record = {
+        "checkpoint": str(checkpoint), "iteration": int(ckpt["iteration"]),
+        "losses": {k: mean(v) for k, v in losses_seen.items()},
+        "distill_per_level": [mean(col) for col in zip(*distill_levels)],
+        "grad_norm": {where: {k: mean(v) for k, v in per.items()} for where, per in grads.items()},
+    }
+    if levels:
+        per_level = []
+        for col in zip(*levels):
+            total = sum(c["objects"] for c in col)
+            per_level.append({k: sum(c[k] * c["objects"] for c in col) / max(total, 1)
+                              for k in col[0] if k != "objects"} | {"objects": total})
+        record["attention"] = per_level
+    return record
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", required=True, help="the run's config.yaml")
+    parser.add_argument("--checkpoints", type=Path, nargs="+", required=True)
+    parser.add_argument("--batches", type=int, default=8, help="training batches per checkpoint (the same ones)")
+    parser.add_argument("--out", type=Path, required=True, help="JSON lines, one per checkpoint")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not cfg.lgd.enabled:
+        parser.error(f"{args.config} is not an LGD run (lgd.enabled is false)")
+    seed_everything(cfg.seed)
+    dataset = build_dataset(cfg, "train", train=True)
+    loader = iter(build_train_loader(dataset, cfg.data.batch_size, cfg.seed, 0, cfg.data.aspect_ratio_grouping))
+    batches = [to_device(*next(loader), torch.device("cpu")) for _ in range(args.batches)]
+    records = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w") as f:
+        for path in args.checkpoints:
+            record = probe(cfg, path, batches)
+            records.append(record)
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            print(json.dumps(record), flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    main()
