@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lgd.atomic import ensure_dir
+from lgd.data.synthetic import regular_polygon, rotate_points
 
 # Bumped whenever rendering changes, so a cached dataset or backbone of an older generator is not reused.
 GENERATOR_VERSION = 1
@@ -74,16 +75,6 @@ Polygons = list[tuple[np.ndarray, bool]]  # (M x 2 vertices, x right / y down; T
 # Each returns polygons centred on 0 with circumradius at most 1, rotation applied; `_place` scales and moves them.
 
 
-def _regular(n: int, phase: float = 0.0) -> np.ndarray:
-    angles = phase + 2.0 * np.pi * np.arange(n) / n
-    return np.stack([np.cos(angles), np.sin(angles)], axis=1)
-
-
-def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return points @ np.array([[c, s], [-s, c]])
-
-
 def _fit_unit(points: np.ndarray) -> np.ndarray:
     """Centre an outline on its bounding box and scale it to circumradius 1."""
     points = points - (points.min(axis=0) + points.max(axis=0)) / 2
@@ -96,7 +87,7 @@ def _any_turn(rng: np.random.Generator) -> float:
 
 def _crescent(rng):
     offset = rng.uniform(0.35, 0.55)
-    return [(_regular(40), True), (_rotate(_regular(40) * 0.85 + [offset, 0.0], _any_turn(rng)), False)]
+    return [(regular_polygon(40), True), (rotate_points(regular_polygon(40) * 0.85 + [offset, 0.0], _any_turn(rng)), False)]
 
 
 def _arrow(rng):
@@ -104,75 +95,75 @@ def _arrow(rng):
     shaft = rng.uniform(0.12, 0.2)
     outline = np.array([[-1, -shaft], [1 - head, -shaft], [1 - head, -0.6], [1, 0], [1 - head, 0.6], [1 - head, shaft],
                         [-1, shaft]])
-    return [(_rotate(_fit_unit(outline), _any_turn(rng)), True)]
+    return [(rotate_points(_fit_unit(outline), _any_turn(rng)), True)]
 
 
 def _ell(rng):
     t = rng.uniform(0.25, 0.4)
     outline = np.array([[0, 0], [t, 0], [t, 1 - t], [1, 1 - t], [1, 1], [0, 1]]) * [rng.uniform(0.6, 1.0), 1.0]
-    return [(_rotate(_fit_unit(outline), _any_turn(rng)), True)]
+    return [(rotate_points(_fit_unit(outline), _any_turn(rng)), True)]
 
 
 def _tee(rng):
     t = rng.uniform(0.22, 0.35)
     outline = np.array([[-1, 0], [1, 0], [1, t], [t / 2, t], [t / 2, 1.6], [-t / 2, 1.6], [-t / 2, t], [-1, t]])
-    return [(_rotate(_fit_unit(outline), _any_turn(rng)), True)]
+    return [(rotate_points(_fit_unit(outline), _any_turn(rng)), True)]
 
 
 def _trapezoid(rng):
     top = rng.uniform(0.3, 0.6)
     height = rng.uniform(0.5, 0.9)
     outline = np.array([[-1, height], [1, height], [top, -height], [-top, -height]])
-    return [(_rotate(_fit_unit(outline), _any_turn(rng)), True)]
+    return [(rotate_points(_fit_unit(outline), _any_turn(rng)), True)]
 
 
 def _heart(rng):
     t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
     outline = np.stack([16 * np.sin(t) ** 3, -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))],
                        axis=1)
-    return [(_rotate(_fit_unit(outline), np.deg2rad(rng.uniform(-30, 30))), True)]
+    return [(rotate_points(_fit_unit(outline), np.deg2rad(rng.uniform(-30, 30))), True)]
 
 
 def _semicircle(rng):
     angles = np.linspace(0, np.pi, 24)
     outline = np.stack([np.cos(angles), -np.sin(angles)], axis=1)
-    return [(_rotate(_fit_unit(outline), _any_turn(rng)), True)]
+    return [(rotate_points(_fit_unit(outline), _any_turn(rng)), True)]
 
 
 def _parallelogram(rng):
     skew = rng.uniform(0.4, 0.7)
     height = rng.uniform(0.35, 0.6)
     outline = np.array([[-1, -height], [1 - skew, -height], [1, height], [-1 + skew, height]])
-    return [(_rotate(_fit_unit(outline), _any_turn(rng)), True)]
+    return [(rotate_points(_fit_unit(outline), _any_turn(rng)), True)]
 
 
 def _chevron(rng):
     t = rng.uniform(0.3, 0.45)
     outline = np.array([[-1, -1], [0, 0], [1, -1], [1, -1 + 2 * t], [0, 2 * t], [-1, -1 + 2 * t]])
-    return [(_rotate(_fit_unit(outline), _any_turn(rng)), True)]
+    return [(rotate_points(_fit_unit(outline), _any_turn(rng)), True)]
 
 
 def _bowtie(rng):
     w = rng.uniform(0.5, 0.8)
     outline = np.array([[-w, -1], [w, -1], [0.08, 0], [w, 1], [-w, 1], [-0.08, 0]])
-    return [(_rotate(_fit_unit(outline), _any_turn(rng)), True)]
+    return [(rotate_points(_fit_unit(outline), _any_turn(rng)), True)]
 
 
 def _circle(rng):
-    return [(_regular(40), True)]
+    return [(regular_polygon(40), True)]
 
 
 def _square(rng):
     # Limited tilt keeps squares apart from diamonds.
-    return [(_rotate(_regular(4, np.pi / 4), np.deg2rad(rng.uniform(-15, 15))), True)]
+    return [(rotate_points(regular_polygon(4, np.pi / 4), np.deg2rad(rng.uniform(-15, 15))), True)]
 
 
 def _triangle(rng):
-    return [(_regular(3, _any_turn(rng)), True)]
+    return [(regular_polygon(3, _any_turn(rng)), True)]
 
 
 def _star(rng):
-    points = _regular(10, _any_turn(rng))
+    points = regular_polygon(10, _any_turn(rng))
     points[1::2] *= 0.42
     return [(points, True)]
 
@@ -181,20 +172,20 @@ def _cross(rng):
     a = 0.3  # half-width of an arm, relative to its half-length
     outline = np.array([[a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a],
                         [-a, -a], [-a, -1]])
-    return [(_rotate(_fit_unit(outline), rng.uniform(0, np.pi / 2)), True)]
+    return [(rotate_points(_fit_unit(outline), rng.uniform(0, np.pi / 2)), True)]
 
 
 def _ring(rng):
-    return [(_regular(40), True), (_regular(40) * rng.uniform(0.45, 0.65), False)]
+    return [(regular_polygon(40), True), (regular_polygon(40) * rng.uniform(0.45, 0.65), False)]
 
 
 def _hexagon(rng):
-    return [(_regular(6, rng.uniform(0, np.pi / 3)), True)]
+    return [(regular_polygon(6, rng.uniform(0, np.pi / 3)), True)]
 
 
 def _diamond(rng):
     outline = np.array([[0.0, -1.0], [0.55, 0.0], [0.0, 1.0], [-0.55, 0.0]])
-    return [(_rotate(outline, np.deg2rad(rng.uniform(-20, 20))), True)]
+    return [(rotate_points(outline, np.deg2rad(rng.uniform(-20, 20))), True)]
 
 
 def _blob(rng):

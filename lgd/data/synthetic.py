@@ -286,31 +286,33 @@ def _render_image(
 # circumradius at most 1 and any rotation applied; `_place` scales and moves them.
 
 
-def _regular(n: int, phase: float = 0.0) -> np.ndarray:
+def regular_polygon(n: int, phase: float = 0.0) -> np.ndarray:
+    """The n vertices (n, 2) of a regular polygon of circumradius 1 centred on 0, the first at angle ``phase``."""
     angles = phase + 2.0 * np.pi * np.arange(n) / n
     return np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
 
-def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
+def rotate_points(points: np.ndarray, angle: float) -> np.ndarray:
+    """``points`` (M, 2) turned by ``angle`` radians about 0."""
     c, s = np.cos(angle), np.sin(angle)
     return points @ np.array([[c, s], [-s, c]])
 
 
 def _circle(rng: np.random.Generator) -> list[np.ndarray]:
-    return [_regular(32)]
+    return [regular_polygon(32)]
 
 
 def _square(rng: np.random.Generator) -> list[np.ndarray]:
     # Limited tilt keeps squares apart from diamonds.
-    return [_rotate(_regular(4, np.pi / 4), np.deg2rad(rng.uniform(-15, 15)))]
+    return [rotate_points(regular_polygon(4, np.pi / 4), np.deg2rad(rng.uniform(-15, 15)))]
 
 
 def _triangle(rng: np.random.Generator) -> list[np.ndarray]:
-    return [_regular(3, rng.uniform(0, 2 * np.pi))]
+    return [regular_polygon(3, rng.uniform(0, 2 * np.pi))]
 
 
 def _star(rng: np.random.Generator) -> list[np.ndarray]:
-    points = _regular(10, rng.uniform(0, 2 * np.pi))
+    points = regular_polygon(10, rng.uniform(0, 2 * np.pi))
     points[1::2] *= 0.42
     return [points]
 
@@ -320,7 +322,7 @@ def _cross(rng: np.random.Generator) -> list[np.ndarray]:
     outline = np.array(
         [[a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a], [-a, -1]]
     ) / np.hypot(1.0, a)
-    return [_rotate(outline, rng.uniform(0, np.pi / 2))]
+    return [rotate_points(outline, rng.uniform(0, np.pi / 2))]
 
 
 def _ring(rng: np.random.Generator) -> list[np.ndarray]:
@@ -335,12 +337,12 @@ def _ring(rng: np.random.Generator) -> list[np.ndarray]:
 
 
 def _hexagon(rng: np.random.Generator) -> list[np.ndarray]:
-    return [_regular(6, rng.uniform(0, np.pi / 3))]
+    return [regular_polygon(6, rng.uniform(0, np.pi / 3))]
 
 
 def _diamond(rng: np.random.Generator) -> list[np.ndarray]:
     outline = np.array([[0.0, -1.0], [0.55, 0.0], [0.0, 1.0], [-0.55, 0.0]])
-    return [_rotate(outline, np.deg2rad(rng.uniform(-20, 20)))]
+    return [rotate_points(outline, np.deg2rad(rng.uniform(-20, 20)))]
 
 
 _SHAPES: tuple[Callable[[np.random.Generator], list[np.ndarray]], ...] = (
@@ -449,7 +451,7 @@ def _bar(rng: np.random.Generator) -> list[np.ndarray]:
     """A thin rectangle, aspect 5-10: elongated enough to be unlike a square or diamond."""
     half_width = 1.0 / rng.uniform(5, 10)
     outline = np.array([[-1.0, -half_width], [1.0, -half_width], [1.0, half_width], [-1.0, half_width]])
-    return [_rotate(outline, rng.uniform(0, np.pi))]
+    return [rotate_points(outline, rng.uniform(0, np.pi))]
 
 
 def _draw_clutter(rng: np.random.Generator, canvas: np.ndarray, min_diameter: float) -> None:
