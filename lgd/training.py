@@ -5,6 +5,7 @@ on val, the curves and ``eval_val.txt``.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -55,15 +56,16 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
 def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str, Any]:
     """``train`` in this process; the order of the steps up to the data loader is that of the random streams."""
     out = Path(cfg.output_dir)
-    train_set, val_set = _prepare(cfg, ctx, out, resume)
-    check_categories(dataset_categories(train_set), val_set, "val", f"training split {train_set.ann_file}")
-    model = build_model(cfg, train_set.num_classes)
-    if cfg.model.sync_bn and ctx.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(ctx.device)
-    optimization = build_optimization(model.optimizer_groups(), cfg.solver)
-    distributed.share_from_main(ctx, lambda: check_free_space(out, 2 * checkpoint_bytes(model, optimization)))
-    ckpt = _resume(cfg, ctx, out, model, optimization) if resume else None
+    with _removed_if_refused(out, ctx):
+        train_set, val_set = _prepare(cfg, ctx, out, resume)
+        check_categories(dataset_categories(train_set), val_set, "val", f"training split {train_set.ann_file}")
+        model = build_model(cfg, train_set.num_classes)
+        if cfg.model.sync_bn and ctx.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(ctx.device)
+        optimization = build_optimization(model.optimizer_groups(), cfg.solver)
+        distributed.share_from_main(ctx, lambda: check_free_space(out, 2 * checkpoint_bytes(model, optimization)))
+        ckpt = _resume(cfg, ctx, out, model, optimization) if resume else None
     start = ckpt["iteration"] if ckpt is not None else 0
     if ctx.is_main:
         _start_records(cfg, out, resume, start)
@@ -104,6 +106,19 @@ def _check_runtime(cfg: Config, ctx: Context) -> None:
         raise ConfigError("model.sync_bn needs CUDA (SyncBatchNorm has no CPU implementation); set "
                           "model.sync_bn=false or use model.norm=gn")
     distributed.per_rank_batch(cfg.data.batch_size, ctx.world_size, cfg.solver.accumulate)
+
+
+@contextmanager
+def _removed_if_refused(out: Path, ctx: Context) -> Iterator[None]:
+    """A run refused before it wrote anything (bad data, settings, weights) leaves no empty output folder behind:
+    the folder this run created is removed again if it is still empty."""
+    created = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created and ctx.is_main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def _prepare(cfg: Config, ctx: Context, out: Path, resume: bool) -> tuple[CocoDetection, CocoDetection]:

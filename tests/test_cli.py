@@ -148,7 +148,7 @@ def test_evaluation_refuses_other_categories_and_never_uses_the_builtin_split(ti
         # training refuses such a val split before its first step
         with pytest.raises(LGDError, match=f"val split {tmp_path / name}.json has .* categories"):
             train(tiny_config(f"data.val.ann={tmp_path / name}.json", f"output_dir={tmp_path / 'o'}"), progress=False)
-    assert not (tmp_path / "o" / "last.pth").exists()
+    assert not (tmp_path / "o").exists()  # refused before it wrote anything: no empty folder left behind
     # a checkpoint written before categories were stored in it: compared with the config's training split
     old = torch.load(Path(cfg.output_dir) / "model_final.pth", weights_only=True)
     del old["categories"]
@@ -163,7 +163,7 @@ def test_evaluation_refuses_other_categories_and_never_uses_the_builtin_split(ti
                       f"output_dir={tmp_path / 'n'}")
     with pytest.raises(LGDError, match="data.val is not set.*never uses the built-in synthetic val split"):
         train(own, progress=False)
-    assert not cache.exists()
+    assert not cache.exists() and not (tmp_path / "n").exists()
 
 
 def test_missing_dataset_file_is_reported(tmp_path, capsys):
