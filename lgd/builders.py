@@ -38,8 +38,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def split_paths(cfg: Config, split: str) -> tuple[Path, Path]:
-    """(image root, COCO annotation file) of a split; the built-in dataset (generated once) when none is given.
+def split_paths(cfg: Config, split: str, progress: bool = True) -> tuple[Path, Path]:
+    """(image root, COCO annotation file) of a split; the built-in dataset (generated once, with a progress bar on
+    a terminal unless ``progress`` is false) when none is given.
 
     VOC, YOLO and CrowdHuman splits are converted to COCO JSON once, cached in the cache folder.
 
@@ -62,7 +63,7 @@ def split_paths(cfg: Config, split: str) -> tuple[Path, Path]:
     root = ensure_builtin_dataset(
         cache_dir,
         seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, size=syn.size,
-        difficulty=Difficulty.of(syn),
+        difficulty=Difficulty.of(syn), progress=progress,
     )
     return root / split, root / "annotations" / f"instances_{split}.json"
 

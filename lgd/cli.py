@@ -307,7 +307,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         from lgd.data.stats import dataset_stats, plot_stats
 
         cfg = _load(args)
-        stats = dataset_stats(CocoDetection(*split_paths(cfg, args.split)))
+        stats = dataset_stats(CocoDetection(*split_paths(cfg, args.split, _progress(args))))
         out = plot_stats(stats, Path(args.out or Path(cfg.output_dir) / f"stats_{args.split}.png"), args.split)
         print(f"{args.split}: {stats.text()}\nplot: {out}")
     else:

@@ -57,7 +57,7 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     """``train`` in this process; the order of the steps up to the data loader is that of the random streams."""
     out = Path(cfg.output_dir)
     with _removed_if_refused(out, ctx):
-        train_set, val_set = _prepare(cfg, ctx, out, resume)
+        train_set, val_set = _prepare(cfg, ctx, out, resume, progress)
         check_categories(dataset_categories(train_set), val_set, "val", f"training split {train_set.ann_file}")
         model = build_model(cfg, train_set.num_classes)
         if cfg.model.sync_bn and ctx.distributed:
@@ -121,7 +121,8 @@ def _removed_if_refused(out: Path, ctx: Context) -> Iterator[None]:
         raise
 
 
-def _prepare(cfg: Config, ctx: Context, out: Path, resume: bool) -> tuple[CocoDetection, CocoDetection]:
+def _prepare(cfg: Config, ctx: Context, out: Path, resume: bool,
+             progress: bool) -> tuple[CocoDetection, CocoDetection]:
     """The checks made before any work (settings, output folder), threads and seeds; the train and val sets."""
     _check_runtime(cfg, ctx)
     distributed.share_from_main(ctx, lambda: prepare_output_dir(out, resume))
@@ -129,7 +130,7 @@ def _prepare(cfg: Config, ctx: Context, out: Path, resume: bool) -> tuple[CocoDe
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     # Rank 0 generates the built-in dataset (if used) before the others look for it.
-    distributed.share_from_main(ctx, lambda: [split_paths(cfg, s) for s in ("train", "val")])
+    distributed.share_from_main(ctx, lambda: [split_paths(cfg, s, progress) for s in ("train", "val")])
     return build_dataset(cfg, "train", train=True), build_dataset(cfg, "val", train=False)
 
 

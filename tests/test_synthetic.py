@@ -214,3 +214,19 @@ def test_difficulty_from_config_names_its_own_cache_folder(tmp_path: Path) -> No
         load_config(None, ["data.synth.num_classes=9"])
     with pytest.raises(ConfigError, match="data.synth: crowded_prob"):
         load_config(None, ["data.synth.crowded_prob=1.0"])
+
+
+def test_no_progress_reaches_the_dataset_generator(tmp_path, monkeypatch):
+    import lgd.data.synthetic as synthetic
+    from lgd.builders import split_paths
+    from lgd.config import load_config
+
+    bars = []
+    real = synthetic.tqdm
+    monkeypatch.setattr(synthetic, "tqdm", lambda *a, **k: bars.append(k["disable"]) or real(*a, **k))
+    cfg = load_config(None, [f"data.synth.cache_dir={tmp_path}", "data.synth.num_train=2", "data.synth.num_val=1",
+                             "data.synth.num_test=1", "data.synth.size=64"])
+    split_paths(cfg, "train", progress=False)  # `lgd data stats --no-progress`, `lgd train --no-progress`
+    assert bars == [True]
+    split_paths(cfg, "val", progress=False)  # generated already: no bar at all
+    assert bars == [True]

@@ -115,8 +115,10 @@ def ensure_builtin_dataset(
     num_test: int,
     size: int,
     difficulty: Difficulty = Difficulty(),
+    progress: bool = True,
 ) -> Path:
-    """Return the built-in dataset folder in ``cache_dir``, generating it on first use.
+    """Return the built-in dataset folder in ``cache_dir``, generating it on first use (with a progress bar on a
+    terminal unless ``progress`` is false).
 
     Generation writes into a fresh temporary sibling folder that is renamed into place
     only when complete; an interrupted run leaves a ``.synth-...tmp-*`` folder that is
@@ -127,7 +129,8 @@ def ensure_builtin_dataset(
     return ensure_dir(
         Path(cache_dir) / name,
         lambda tmp: write_synthetic(
-            tmp, seed=seed, num_train=num_train, num_val=num_val, num_test=num_test, size=size, difficulty=difficulty
+            tmp, seed=seed, num_train=num_train, num_val=num_val, num_test=num_test, size=size, difficulty=difficulty,
+            progress=progress,
         ),
     )
 
