@@ -76,7 +76,10 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     batches = _train_batches(cfg, ctx, train_set, start)
     if ckpt is not None:  # after the loader is made, which draws a seed from torch's generator
         restore_rng_state(ckpt["rng"], ctx)
-    log = MetricsLog(out, purge_step=start if resume else None) if ctx.is_main else None
+    # TensorBoard drops what the interrupted run logged after the checkpoint, as metrics.jsonl does: the checkpoint's
+    # own iteration stays (its evaluation ran before it was saved) unless the run had finished and repeats it.
+    purge = (start if start >= cfg.solver.max_iter else start + 1) if resume else None
+    log = MetricsLog(out, purge_step=purge) if ctx.is_main else None
     checkpointer = Checkpointer(out, model, optimization, stepper.scaler, cfg, ctx, dataset_categories(train_set))
     evaluate_val = functools.partial(evaluate, model, val_set, cfg, ctx.device, progress=progress, ctx=ctx)
     evaluate_teacher = functools.partial(evaluate_val, teacher=True) if model.has_teacher and cfg.lgd.eval_teacher \

@@ -33,11 +33,18 @@ def test_training_writes_outputs_and_logs_every_loss_term(tiny_config, lgd_enabl
     assert 0 <= out["metrics"]["bbox/AP"] <= 100
 
 
+def _tensorboard_points(run: Path) -> set[tuple[str, int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    return {(tag, e.step) for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+
+
 def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
-    uninterrupted = tiny_config(f"output_dir={tmp_path / 'a'}")
+    uninterrupted = tiny_config(f"output_dir={tmp_path / 'a'}", "eval_period=2")
     train(uninterrupted, progress=False)
 
-    interrupted = tiny_config(f"output_dir={tmp_path / 'b'}")
+    interrupted = tiny_config(f"output_dir={tmp_path / 'b'}", "eval_period=2")
     real_step = Optimization.step
     calls = {"n": 0}
 
@@ -61,6 +68,9 @@ def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
     iters = [json.loads(line)["iter"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert iters == [1, 2, 3, 4]
+    # TensorBoard too: the evaluation at the checkpoint's iteration survives the resume, nothing is doubled
+    assert _tensorboard_points(tmp_path / "b") == _tensorboard_points(tmp_path / "a")
+    assert ("val/bbox/AP", 2) in _tensorboard_points(tmp_path / "b")
 
 
 def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tiny_config, tmp_path):
