@@ -13,6 +13,8 @@ For each checkpoint it runs the same ``--batches`` training batches (no optimize
   training): at the shared head's parameters, and at the student's FPN maps (what the body and FPN learn from);
 - every loss term.
 
+It prints a markdown table of the means (attention averaged over levels) when done.
+
     python benchmarks/teacher_probe.py -c RUN/config.yaml --checkpoints RUN/model_0000900.pth RUN/model_final.pth \\
         --out probe.jsonl [KEY=VALUE ...]
 """
@@ -157,12 +159,31 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
     return record
 
 
+def markdown(records: list[dict]) -> str:
+    """One table row per checkpoint: attention (mean over levels), distillation loss per level, gradient norms."""
+    lines = ["| iteration | own label / chance | same class / chance | entropy (0-1) | largest weight on own label "
+             "| distillation loss per level | head grad: student / teacher | FPN grad: student / teacher / distill |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        att = r.get("attention")
+        mean = (lambda k: sum(level[k] for level in att) / len(att)) if att else None
+        cells = ([f"{mean('own'):.3f} / {mean('own_chance'):.3f}", f"{mean('same_class'):.3f} / "
+                  f"{mean('same_class_chance'):.3f}", f"{mean('entropy'):.4f}", f"{mean('argmax_own'):.2f}"]
+                 if att else ["n/a"] * 4)
+        head, fpn = r["grad_norm"]["head"], r["grad_norm"]["fpn"]
+        lines.append(f"| {r['iteration']} | " + " | ".join(cells)
+                     + f" | {' / '.join(f'{v:.3f}' for v in r['distill_per_level'])}"
+                     + f" | {head['student']:.3f} / {head['teacher']:.3f}"
+                     + f" | {fpn['student']:.4f} / {fpn['teacher']:.4f} / {fpn['distill']:.4f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", required=True, help="the run's config.yaml")
     parser.add_argument("--checkpoints", type=Path, nargs="+", required=True)
     parser.add_argument("--batches", type=int, default=8, help="training batches per checkpoint (the same ones)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON lines, one per checkpoint")
+    parser.add_argument("--out", type=Path, required=True, help="JSON lines, one per checkpoint (a table is printed)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -182,7 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             records.append(record)
             f.write(json.dumps(record) + "\n")
             f.flush()
-            print(json.dumps(record), flush=True)
+    print(markdown(records), flush=True)
     return records
 
 

@@ -245,7 +245,7 @@ def test_attention_stats_measures_own_label_same_class_and_entropy():
     assert got["entropy"] == pytest.approx(0.5)  # 0 for the one-hot row, 1 for the uniform one
 
 
-def test_teacher_probe_measures_a_trained_lgd_checkpoint(tiny_config, tmp_path):
+def test_teacher_probe_measures_a_trained_lgd_checkpoint(tiny_config, tmp_path, capsys):
     from lgd.training import train
 
     cfg = tiny_config("model.arch=fcos", "solver.max_iter=2", "threads=1")
@@ -265,3 +265,5 @@ def test_teacher_probe_measures_a_trained_lgd_checkpoint(tiny_config, tmp_path):
     assert grads["head"]["distill"] == 0  # distillation acts on features, never on the head
     assert grads["fpn"]["distill"] > 0  # past pre-distillation (1 iteration) the student learns from the teacher
     assert {"loss_distill", "teacher/classification"} <= set(record["losses"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[-1].startswith("| 2 | ") and table[-1].count("|") == table[-3].count("|") == 9
