@@ -11,6 +11,8 @@ For each checkpoint it runs the same ``--batches`` training batches (no optimize
   map and the teacher map (``lgd.distiller.distillation_loss`` on one level), before ``lgd.distill_weight``;
 - **gradient norms per loss group** (student detection, teacher detection, distillation, each as weighted in
   training): at the shared head's parameters, and at the student's FPN maps (what the body and FPN learn from);
+- the attention's query, key and value projections: their norms against the norm they start at, and the gradient
+  norm the teacher's detection loss gives each (the only loss that trains them);
 - every loss term.
 
 It prints a markdown table of the means (attention averaged over levels) when done.
@@ -114,6 +116,7 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
     distill_levels: list[list[float]] = []
     grads: dict[str, dict[str, list[float]]] = {"head": {}, "fpn": {}}
     losses_seen: dict[str, list[float]] = {}
+    projection_grads: dict[str, list[float]] = {}
     for images, targets in batches:
         for key in ("attention", "teacher_in", "fpn"):
             captured[key].clear()
@@ -134,6 +137,10 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
             "teacher": sum(v for k, v in losses.items() if k.startswith("teacher/")),
             "distill": losses["loss_distill"],
         }
+        if teacher.relation.attention is not None:  # only the teacher's own loss trains the attention
+            (g,) = torch.autograd.grad(groups["teacher"], teacher.relation.attention.in_proj_weight, retain_graph=True)
+            for part, block in zip("qkv", g.chunk(3)):
+                projection_grads.setdefault(part, []).append(float(block.norm()))
         for name, value in groups.items():
             g_head = torch.autograd.grad(value, head_params, retain_graph=True, allow_unused=True)
             g_fpn = torch.autograd.grad(value, captured["fpn"][0], retain_graph=True, allow_unused=True)
@@ -149,6 +156,14 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
         "distill_per_level": [mean(col) for col in zip(*distill_levels)],
         "grad_norm": {where: {k: mean(v) for k, v in per.items()} for where, per in grads.items()},
     }
+    if teacher.relation.attention is not None:
+        # xavier_uniform_ starts each C x C block of in_proj_weight at a Frobenius norm of about sqrt(C / 2)
+        weights = teacher.relation.attention.in_proj_weight.detach().chunk(3)
+        record["attention_projections"] = {
+            "init_norm": math.sqrt(teacher.channels / 2),
+            **{f"{part}_norm": float(w.norm()) for part, w in zip("qkv", weights)},
+            **{f"{part}_grad": mean(v) for part, v in projection_grads.items()},
+        }
     if levels:
         per_level = []
         for col in zip(*levels):

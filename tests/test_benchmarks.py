@@ -265,5 +265,8 @@ def test_teacher_probe_measures_a_trained_lgd_checkpoint(tiny_config, tmp_path, 
     assert grads["head"]["distill"] == 0  # distillation acts on features, never on the head
     assert grads["fpn"]["distill"] > 0  # past pre-distillation (1 iteration) the student learns from the teacher
     assert {"loss_distill", "teacher/classification"} <= set(record["losses"])
+    projections = record["attention_projections"]
+    assert projections["q_grad"] > 0 and projections["k_grad"] > 0 and projections["v_grad"] > 0
+    assert 0.5 < projections["q_norm"] / projections["init_norm"] < 2  # two steps from xavier_uniform_
     table = capsys.readouterr().out.splitlines()
     assert table[-1].startswith("| 2 | ") and table[-1].count("|") == table[-3].count("|") == 9
