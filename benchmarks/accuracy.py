@@ -353,9 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
         for (a, kind, seed), run in sorted(results.items()):
             if a != arch or kind not in kinds:
                 continue
-            named = [(f"{kind} seed {seed}", kind, run["val_curve"])]
+            named = [(f"{'LGD student' if kind == 'lgd' else kind} seed {seed}", kind, run["val_curve"])]
             if kind == "lgd":
-                named.append((f"teacher (of lgd) seed {seed}", "teacher", run.get("teacher_val_curve", [])))
+                named.append((f"LGD teacher diagnostic seed {seed}", "teacher", run.get("teacher_val_curve", [])))
             for name, what, points in named:
                 if points:
                     curves[name] = points
