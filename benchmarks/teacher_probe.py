@@ -11,8 +11,9 @@ For each checkpoint it runs the same ``--batches`` training batches (no optimize
   map and the teacher map (``lgd.distiller.distillation_loss`` on one level), before ``lgd.distill_weight``;
 - **gradient norms per loss group** (student detection, teacher detection, distillation, each as weighted in
   training): at the shared head's parameters, and at the student's FPN maps (what the body and FPN learn from);
-- the attention's query, key and value projections: their norms against the norm they start at, and the gradient
-  norm the teacher's detection loss gives each (the only loss that trains them);
+- the attention's query, key and value projections: their norms, how far training moved each from its initial
+  weights (rebuilt from the run's seed, as training builds them), and the gradient norm the teacher's detection
+  loss gives each (the only loss that trains them);
 - every loss term.
 
 It prints a markdown table of the means (attention averaged over levels) when done.
@@ -90,7 +91,10 @@ def _norm(grads) -> float:
 def probe(cfg, checkpoint: Path, batches: list) -> dict:
     """The measurements of one checkpoint over ``batches`` (lists of (images, targets)); see the module docstring."""
     ckpt = load_checkpoint(checkpoint)
+    seed_everything(cfg.seed)  # as training does right before it builds the model: the same initial weights
     model = build_model(cfg, len(ckpt["categories"]["ids"]))
+    initial = ([w.detach().clone() for w in model.teacher.relation.attention.in_proj_weight.chunk(3)]
+               if model.teacher.relation.attention is not None else None)
     load_model_weights(model, ckpt)
     model.train()
     model.set_iteration(int(ckpt["iteration"]))
@@ -162,6 +166,8 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
         record["attention_projections"] = {
             "init_norm": math.sqrt(teacher.channels / 2),
             **{f"{part}_norm": float(w.norm()) for part, w in zip("qkv", weights)},
+            # how far training moved each block from the weights it started at, relative to them
+            **{f"{part}_moved": float((w - w0).norm() / w0.norm()) for part, w, w0 in zip("qkv", weights, initial)},
             **{f"{part}_grad": mean(v) for part, v in projection_grads.items()},
         }
     if levels:

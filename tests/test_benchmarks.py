@@ -268,5 +268,6 @@ def test_teacher_probe_measures_a_trained_lgd_checkpoint(tiny_config, tmp_path, 
     projections = record["attention_projections"]
     assert projections["q_grad"] > 0 and projections["k_grad"] > 0 and projections["v_grad"] > 0
     assert 0.5 < projections["q_norm"] / projections["init_norm"] < 2  # two steps from xavier_uniform_
+    assert 0 < projections["q_moved"] < 0.5  # the initial weights rebuilt from the seed: two small steps away
     table = capsys.readouterr().out.splitlines()
     assert table[-1].startswith("| 2 | ") and table[-1].count("|") == table[-3].count("|") == 9
