@@ -62,24 +62,27 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     from lgd.config import load_config
     from lgd.evaluation.evaluator import evaluate
     from lgd.files import to_json
+    from lgd.plots import read_metrics
     from lgd.training import train
 
     torch.set_num_threads(1)
     started = time.perf_counter()
     cfg = load_config(config, overrides)
     done = Path(cfg.output_dir) / "result.json"
+    metrics_file = Path(cfg.output_dir) / "metrics.jsonl"
     if done.is_file() and json.loads(done.read_text()).get("overrides") == overrides:
-        return {**json.loads(done.read_text()), "teacher_val_curve": _val_curve(cfg.output_dir, "val_teacher")}
+        teacher_curve = _val_curve(read_metrics(metrics_file), "val_teacher")
+        return {**json.loads(done.read_text()), "teacher_val_curve": teacher_curve}
     out = train(cfg, resume=(Path(cfg.output_dir) / "last.pth").is_file(), progress=False)
     model, test = load_trained(cfg, "test")
     device = resolve_device(cfg.device)
     model.to(device)
     result = evaluate(model, test, cfg, device, progress=False, split="test")
-    records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(metrics_file)
     step_times = [r["time"] for r in records if r["kind"] == "train"]
     run = {"overrides": overrides, "max_iter": cfg.solver.max_iter, "test": result.metrics,
            "val_final": out["metrics"], "seconds_per_iter": statistics.median(step_times[1:] or step_times),
-           "val_curve": _val_curve(cfg.output_dir, "val"), "teacher_val_curve": _val_curve(cfg.output_dir, "val_teacher"),
+           "val_curve": _val_curve(records, "val"), "teacher_val_curve": _val_curve(records, "val_teacher"),
            "device": str(device)}
     if teacher:
         run["teacher_test"] = evaluate(model, test, cfg, device, teacher=True, progress=False, split="test").metrics
@@ -88,11 +91,9 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     return run
 
 
-def _val_curve(output_dir: str, split: str) -> list[tuple[int, float]]:
+def _val_curve(records: list[dict], split: str) -> list[tuple[int, float]]:
     """[(iteration, AP in percent)] of a run's evaluations on ``split`` ("val", or "val_teacher" for the teacher
-    diagnostic that ``lgd.eval_teacher`` logs), from its metrics.jsonl."""
-    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    diagnostic that ``lgd.eval_teacher`` logs), from its metrics.jsonl records."""
     return [(r["iter"], r["metrics"]["bbox/AP"]) for r in records if r["kind"] == "eval" and r["split"] == split]
 
 

@@ -31,6 +31,17 @@ def _rms(levels) -> list[float]:
     return [float(x.detach().pow(2).mean().sqrt()) for x in levels]
 
 
+def loss_groups(losses: dict) -> dict:
+    """An LGD step's losses summed by what they train from: the student's detection terms, the teacher's
+    (``teacher/...``) and the distillation (``loss_distill``); a baseline's groups other than the student's are 0
+    and None."""
+    return {
+        "student": sum(v for k, v in losses.items() if not k.startswith("teacher/") and k != "loss_distill"),
+        "teacher": sum(v for k, v in losses.items() if k.startswith("teacher/")),
+        "distill": losses.get("loss_distill"),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", required=True)
@@ -61,11 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             images, targets = to_device(*next(loader), torch.device("cpu"))
             model.set_iteration(it)
             losses = model(images, targets)
-            groups = {
-                "student": sum(v for k, v in losses.items() if not k.startswith("teacher/") and k != "loss_distill"),
-                "teacher": sum(v for k, v in losses.items() if k.startswith("teacher/")),
-                "distill": losses.get("loss_distill"),
-            }
+            groups = loss_groups(losses)
             grads = {}
             for name, value in groups.items():
                 if not torch.is_tensor(value):  # a baseline has no teacher or distillation terms

@@ -41,6 +41,9 @@ from lgd.data import build_train_loader  # noqa: E402
 from lgd.distiller import distillation_loss  # noqa: E402
 from lgd.teacher.descriptors import pad_objects  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from head_probe import loss_groups  # noqa: E402
+
 
 def attention_stats(weights: Tensor, classes: Tensor, valid: Tensor, is_context: Tensor) -> dict[str, float]:
     """Where objects look, for one level.
@@ -93,26 +96,21 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
     ckpt = load_checkpoint(checkpoint)
     seed_everything(cfg.seed)  # as training does right before it builds the model: the same initial weights
     model = build_model(cfg, len(ckpt["categories"]["ids"]))
-    initial = ([w.detach().clone() for w in model.teacher.relation.attention.in_proj_weight.chunk(3)]
-               if model.teacher.relation.attention is not None else None)
+    teacher = model.teacher
+    attention = teacher.relation.attention  # None for the patterns without attention
+    initial = [w.detach().clone() for w in attention.in_proj_weight.chunk(3)] if attention is not None else None
     load_model_weights(model, ckpt)
     model.train()
     model.set_iteration(int(ckpt["iteration"]))
-    teacher = model.teacher
-    captured: dict = {"attention": [], "teacher_in": [], "fpn": [], "inside": False}
+    captured: dict[str, list] = {"attention": [], "teacher_in": [], "fpn": []}
 
     def on_attention(module, args, kwargs, output):
-        if captured["inside"]:  # the hook's own call below
-            return
-        captured["inside"] = True
-        with torch.no_grad():
-            _, w = module(*args, key_padding_mask=kwargs.get("key_padding_mask"), need_weights=True,
-                          average_attn_weights=True)
-        captured["inside"] = False
+        with torch.no_grad():  # the same call again, with the weights; .forward skips this hook
+            _, w = module.forward(*args, key_padding_mask=kwargs.get("key_padding_mask"), need_weights=True,
+                                  average_attn_weights=True)
         captured["attention"].append(w)
 
-    hooks = [teacher.relation.attention.register_forward_hook(on_attention, with_kwargs=True)
-             if teacher.relation.attention is not None else None,
+    hooks = [attention.register_forward_hook(on_attention, with_kwargs=True) if attention is not None else None,
              teacher.register_forward_hook(lambda m, a, out: captured["teacher_in"].append((a, out))),
              model.student.backbone.register_forward_hook(lambda m, a, out: captured["fpn"].append(list(out.values())))]
     head_params = [p for p in _head(model.student).parameters() if p.requires_grad]
@@ -122,8 +120,8 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
     losses_seen: dict[str, list[float]] = {}
     projection_grads: dict[str, list[float]] = {}
     for images, targets in batches:
-        for key in ("attention", "teacher_in", "fpn"):
-            captured[key].clear()
+        for values in captured.values():
+            values.clear()
         losses = model(images, targets)
         for k, v in losses.items():
             losses_seen.setdefault(k, []).append(float(v.detach()))
@@ -136,13 +134,9 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
         with torch.no_grad():
             distill_levels.append([float(distillation_loss([model.adapter(s[index])], [t[index]]))
                                    for s, t in zip(captured["fpn"][0], out.features)])
-        groups = {
-            "student": sum(v for k, v in losses.items() if not k.startswith("teacher/") and k != "loss_distill"),
-            "teacher": sum(v for k, v in losses.items() if k.startswith("teacher/")),
-            "distill": losses["loss_distill"],
-        }
-        if teacher.relation.attention is not None:  # only the teacher's own loss trains the attention
-            (g,) = torch.autograd.grad(groups["teacher"], teacher.relation.attention.in_proj_weight, retain_graph=True)
+        groups = loss_groups(losses)
+        if attention is not None:  # only the teacher's own loss trains the attention
+            (g,) = torch.autograd.grad(groups["teacher"], attention.in_proj_weight, retain_graph=True)
             for part, block in zip("qkv", g.chunk(3)):
                 projection_grads.setdefault(part, []).append(float(block.norm()))
         for name, value in groups.items():
@@ -160,9 +154,9 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
         "distill_per_level": [mean(col) for col in zip(*distill_levels)],
         "grad_norm": {where: {k: mean(v) for k, v in per.items()} for where, per in grads.items()},
     }
-    if teacher.relation.attention is not None:
+    if attention is not None:
         # xavier_uniform_ starts each C x C block of in_proj_weight at a Frobenius norm of about sqrt(C / 2)
-        weights = teacher.relation.attention.in_proj_weight.detach().chunk(3)
+        weights = attention.in_proj_weight.detach().chunk(3)
         record["attention_projections"] = {
             "init_norm": math.sqrt(teacher.channels / 2),
             **{f"{part}_norm": float(w.norm()) for part, w in zip("qkv", weights)},
