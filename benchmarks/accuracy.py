@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import shutil
 import statistics
 import sys
 import time
@@ -107,6 +108,7 @@ def calibrate_one(config: str, overrides: list[str]) -> float:
     torch.set_num_threads(1)
     cfg = load_config(config, overrides + [f"solver.max_iter={CALIBRATION_STEPS}", "log_period=5", "eval_period=0",
                                            f"checkpoint_period={CALIBRATION_STEPS}"])
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a throwaway timing run: an earlier one is not resumed
     train(cfg, progress=False)
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["time"] for r in records if r["kind"] == "train" and r["iter"] > 10)
@@ -215,6 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
                              "that would not finish in time (0 = run everything with the config's schedule)")
     parser.add_argument("--iters", type=int, nargs="+", default=[],
                         help="schedule lengths --budget chooses from (each scales the config's whole schedule)")
+    parser.add_argument("--step-ratio", action="append", default=[], metavar="ARCH=FACTOR",
+                        help="the equal-time factor of ARCH (LGD's seconds per step over the baseline's), measured "
+                             "elsewhere; default: the median over seeds of the equal-iteration runs' own ratios")
+    parser.add_argument("--measure-step-ratio", type=int, default=0, metavar="ROUNDS",
+                        help="before anything else, measure each --arch's equal-time factor from ROUNDS quiet pairs: "
+                             "a baseline and an LGD run of %d steps side by side, one thread each (run it with "
+                             "nothing else on the machine); writes step_ratio_<arch>.json" % CALIBRATION_STEPS)
     parser.add_argument("--quick", action="store_true", help="tiny runs, for the test suite")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
@@ -223,6 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--config needs a single --arch")
     if args.budget and not args.iters:
         parser.error("--budget needs --iters, the schedule lengths to choose from")
+    given_ratio = {}
+    for item in args.step_ratio:
+        arch, _, factor = item.partition("=")
+        if arch not in args.arch or not _is_positive_number(factor):
+            parser.error(f"--step-ratio {item!r}: expected ARCH=FACTOR with ARCH among --arch and FACTOR > 0")
+        given_ratio[arch] = float(factor)
 
     from lgd.config import load_config
     from lgd.builders import split_paths
@@ -272,6 +287,21 @@ def main(argv: list[str] | None = None) -> dict:
         report["chosen_iters"] = chosen
         print(f"calibrated s/iter {calibration}; schedule: {chosen}", flush=True)
 
+    for arch in args.arch if args.measure_step_ratio else []:
+        pairs = []
+        for r in range(args.measure_step_ratio):
+            # steady-state steps: the body trains and the distillation reaches it, as in most of a run
+            steady = ["lgd.freeze_backbone_iters=0", "lgd.pre_distill_iters=0"]
+            probes = [((arch, k), spec(arch, 0, f"step_ratio{r}_{k}", kinds[k] + steady)) for k in kinds]
+            pairs.append(_calibrate(configs, probes, len(probes))[arch])
+        given_ratio[arch] = statistics.median(p["lgd"] / p["baseline"] for p in pairs)
+        measured = {"arch": arch, "date": date.today().isoformat(), "rounds_s_per_iter": pairs,
+                    "steps_per_run": CALIBRATION_STEPS, "ratio": given_ratio[arch],
+                    "how": "each round: a baseline and an LGD run side by side, one thread each; median s/step over "
+                           "steps 11 on; ratio = median over rounds of LGD / baseline"}
+        (out / f"step_ratio_{arch}.json").write_text(to_json(measured, indent=1))
+        print(f"{arch}: step ratio {given_ratio[arch]:.3f} from {len(pairs)} quiet pairs {pairs}", flush=True)
+
     sched = {a: schedule(cfgs[a], chosen[a]) for a in args.arch}
     jobs, order = [], 0
     for arch in args.arch:
@@ -299,8 +329,12 @@ def main(argv: list[str] | None = None) -> dict:
             pairs = [(done.get((arch, "baseline", s)), done.get((arch, "lgd", s))) for s in args.seeds]
             if not all(b and lg for b, lg in pairs):
                 continue
-            ratio = statistics.median(lg["seconds_per_iter"] / b["seconds_per_iter"] for b, lg in pairs)
+            ratio = given_ratio.get(arch) or statistics.median(
+                lg["seconds_per_iter"] / b["seconds_per_iter"] for b, lg in pairs)
             report["archs"].setdefault(arch, {})["step_time_ratio"] = ratio
+            report["archs"][arch]["step_time_ratio_source"] = (
+                "given or measured from quiet pairs (--step-ratio / --measure-step-ratio)" if arch in given_ratio
+                else "median over seeds of the equal-iteration runs' own s/iter ratios")
             base_cfg = load_config(configs[arch], pairs[0][0]["overrides"])
             for seed in args.seeds:
                 overrides = stretched(spec(arch, seed, "baseline_eqtime", kinds["baseline"] + sched[arch]),
@@ -373,6 +407,13 @@ def main(argv: list[str] | None = None) -> dict:
     report["wall_s"] = round(time.perf_counter() - began, 1)
     (out / f"accuracy_{'_'.join(args.arch)}.json").write_text(to_json(report, indent=1))
     return report
+
+
+def _is_positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def prepare_pretrained_regime(quick: bool) -> tuple[dict, list[str]]:

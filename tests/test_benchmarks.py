@@ -271,3 +271,19 @@ def test_teacher_probe_measures_a_trained_lgd_checkpoint(tiny_config, tmp_path, 
     assert 0 < projections["q_moved"] < 0.5  # the initial weights rebuilt from the seed: two small steps away
     table = capsys.readouterr().out.splitlines()
     assert table[-1].startswith("| 2 | ") and table[-1].count("|") == table[-3].count("|") == 9
+
+
+def test_accuracy_benchmark_takes_or_measures_the_equal_time_factor(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGD_CACHE", str(tmp_path / "cache"))
+    common = ["--quick", "--seeds", "0", "--parallel", "2", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        _load("accuracy").main(common + ["--step-ratio", "fcos=2"])  # not among --arch
+    with pytest.raises(SystemExit):
+        _load("accuracy").main(common + ["--step-ratio", "retinanet=-1"])
+    given = _load("accuracy").main(common + ["--step-ratio", "retinanet=2.5"])["archs"]["retinanet"]
+    assert given["equal_time"]["factor"] == 2.5
+    assert given["equal_time"]["runs"][0][0]["max_iter"] == 10  # 4 iterations x 2.5
+    assert given["step_time_ratio_source"].startswith("given")
+    _load("accuracy").main(common + ["--no-equal-time", "--measure-step-ratio", "1"])
+    measured = json.loads((tmp_path / "step_ratio_retinanet.json").read_text())
+    assert len(measured["rounds_s_per_iter"]) == 1 and measured["ratio"] > 0
