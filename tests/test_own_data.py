@@ -1,4 +1,4 @@
-"""Data as annotation tools keep it (issue 26): labelImg folders, CSV boxes, class maps, and the messages around them."""
+"""Data as annotation tools keep it (issue 26): labelImg folders, CSV boxes, class maps, and the messages about it."""
 
 from __future__ import annotations
 
@@ -238,8 +238,9 @@ def test_data_convert_prints_absolute_paths_and_a_class_map_option(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     _label_img_folder(tmp_path / "trees")
     _names(tmp_path, "Tree")
-    assert main(["data", "convert", "--from", "voc", "--root", "trees", "--ann", "trees", "--names", "names.txt",
-                 "--class-map", "{Alive: Tree, Dead: Tree}", "--out", "val.json"]) == 0
+    with pytest.warns(UserWarning, match="by the stem"):
+        assert main(["data", "convert", "--from", "voc", "--root", "trees", "--ann", "trees", "--names", "names.txt",
+                     "--class-map", "{Alive: Tree, Dead: Tree}", "--out", "val.json"]) == 0
     printed = capsys.readouterr().out
     assert "wrote 2 images, 3 objects + 0 ignored (difficult / ignore regions, as iscrowd), 1 category" in printed
     assert f"train with: data.train.root={tmp_path / 'trees'} data.train.ann={tmp_path / 'val.json'}\n" in printed
