@@ -5,8 +5,8 @@ Layouts: the devkit's, ``<root>/Annotations/<id>.xml``, ``<root>/JPEGImages/<fil
 (given as the split) with their images in ``root`` (often the same folder). Boxes: VOC's ``xmin..xmax`` are
 1-based inclusive pixel indices, so pixel ``x`` covers [x - 1, x) and the COCO box is
 ``[xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]`` (detectron2's conversion). Continuous IoU on these
-boxes equals the VOC devkit's ``+1`` pixel IoU on the original ones. ``difficult`` objects become ``iscrowd=1`` annotations with ``"difficult": 1``:
-not trained on, and ignored in evaluation as the VOC devkit ignores them.
+boxes equals the VOC devkit's ``+1`` pixel IoU on the original ones. ``difficult`` objects become ``iscrowd=1``
+annotations with ``"difficult": 1``: not trained on, and ignored in evaluation as the VOC devkit ignores them.
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def _missing_split(root: Path, split: str, split_path: Path) -> DatasetError:
             f"VOC annotations '{split}' is one XML file; give a split name (ImageSets/Main/<name>.txt), a split .txt, "
             f"or a folder of XML files (labelImg's layout): here {Path(split).parent}")
     message = f"VOC split file {split_path} does not exist"
-    xmls = [p for p in Path(root).glob("*.xml")] if Path(root).is_dir() else []
+    xmls = list(Path(root).glob("*.xml")) if Path(root).is_dir() else []
     if xmls and not (Path(root) / "ImageSets").is_dir():
         message += (f"; {root} has no ImageSets/Main but holds {count(len(xmls), '.xml file')}: for XML files beside "
                     f"their images (labelImg's layout) give that folder as the annotations, data.<split>.ann={root} "
