@@ -247,7 +247,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}; got '{value}'")
         return value
     if annotation is dict or origin is dict:
-        return _class_map(key, yaml.safe_load(value) if isinstance(value, str) else value)
+        return _class_map(key, _yaml_value(key, value) if isinstance(value, str) else value)
     if annotation is list or origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
@@ -255,6 +255,15 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             value = [value]
         return [_scalar(key, v) for v in value]
     raise ConfigError(f"config key '{key}' has an unsupported type")
+
+
+def _yaml_value(key: str, text: str) -> Any:
+    """The value YAML reads in ``text``, given for config key ``key``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        reason = getattr(e, "problem", None) or e
+        raise ConfigError(f"config key '{key}': {text!r} is not valid YAML ({reason})") from None
 
 
 def _class_map(key: str, value: Any) -> dict[str, Optional[str]]:
@@ -317,7 +326,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. solver.max_iter=200)")
         key, value = item.split("=", 1)
-        set_key(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        set_key(cfg, key.strip(), _yaml_value(key.strip(), value) if value.strip() else "")
     validate(cfg)
     cfg.source = " ".join([str(path) if path else "defaults", *(overrides or [])])
     return cfg

@@ -220,6 +220,8 @@ def test_a_class_map_applies_to_coco_splits_and_null_drops_a_class(tmp_path):
         apply_class_map(doc, {"Alvie": "Tree"}, "x.json")
     with pytest.raises(ConfigError, match=r"config key 'data.class_map' expects a mapping"):
         load_config(None, ["data.class_map=[Alive, Tree]"])
+    with pytest.raises(ConfigError, match=r"config key 'data.class_map': '\{Alive: ' is not valid YAML"):
+        load_config(None, ["data.class_map={Alive: "])
 
 
 def test_the_class_map_is_part_of_the_cache_key(tmp_path):
