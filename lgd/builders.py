@@ -42,7 +42,8 @@ def split_paths(cfg: Config, split: str, progress: bool = True) -> tuple[Path, P
     """(image root, COCO annotation file) of a split; the built-in dataset (generated once, with a progress bar on
     a terminal unless ``progress`` is false) when none is given.
 
-    VOC, YOLO and CrowdHuman splits are converted to COCO JSON once, cached in the cache folder.
+    VOC, YOLO, CrowdHuman and CSV splits, and COCO ones with a ``data.class_map``, are converted to COCO JSON once,
+    cached in the cache folder.
 
     Raises:
         ConfigError: the split is not set but the training split is the user's own: the built-in split has
@@ -52,20 +53,25 @@ def split_paths(cfg: Config, split: str, progress: bool = True) -> tuple[Path, P
     syn = cfg.data.synth
     cache_dir = Path(syn.cache_dir) if syn.cache_dir else default_cache_dir()
     if s.format != "coco":
-        return cached_conversion(s.format, Path(s.root), s.ann, cfg.data.names_file, cfg.data.crowdhuman_box, cache_dir)
+        return cached_conversion(s.format, Path(s.root), s.ann, cfg.data.names_file, cfg.data.crowdhuman_box,
+                                 cache_dir, cfg.data.class_map)
     if s.root:
-        return Path(s.root), Path(s.ann)
-    if cfg.data.train.root:
+        root, ann = Path(s.root), Path(s.ann)
+    elif cfg.data.train.root:
         raise ConfigError(f"data.{split} is not set, and the training split is your own dataset "
                           f"({cfg.data.train.root}); lgd never uses the built-in synthetic {split} split for it. Set "
                           f"data.{split}.root and data.{split}.ann (e.g. a held-out part of your images; training "
                           "evaluates on val)")
-    root = ensure_builtin_dataset(
-        cache_dir,
-        seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, size=syn.size,
-        difficulty=Difficulty.of(syn), progress=progress,
-    )
-    return root / split, root / "annotations" / f"instances_{split}.json"
+    else:
+        built = ensure_builtin_dataset(
+            cache_dir,
+            seed=syn.seed, num_train=syn.num_train, num_val=syn.num_val, num_test=syn.num_test, size=syn.size,
+            difficulty=Difficulty.of(syn), progress=progress,
+        )
+        root, ann = built / split, built / "annotations" / f"instances_{split}.json"
+    if cfg.data.class_map:
+        return cached_conversion("coco", root, str(ann), "", "full", cache_dir, cfg.data.class_map)
+    return root, ann
 
 
 def build_dataset(cfg: Config, split: str, train: bool) -> CocoDetection:

@@ -19,7 +19,7 @@ from lgd.atomic import atomic_write
 from lgd.config import Config, config_from_dict, flatten, to_dict
 from lgd.detectors.weights import is_lgd_state, student_state
 from lgd.distributed import Context
-from lgd.errors import LGDError, TrainingError
+from lgd.errors import LGDError, TrainingError, count
 from lgd.files import load_torch_file
 from lgd.solver import Optimization
 from lgd.trainable import Trainable
@@ -28,6 +28,7 @@ CHECKPOINT = "last.pth"  # always the newest checkpoint (a hard link to the newe
 FINAL = "model_final.pth"
 NUMBERED = re.compile(r"model_(\d{7})\.pth")
 # Keys that may change between a run and its --resume: where and how fast it runs, not what it computes.
+RESUME_KEYS_SHOWN = 8  # differing keys a refused --resume lists with their values; the rest are counted
 RUNTIME_KEYS = ("output_dir", "device", "threads", "data.workers", "keep_checkpoints", "checkpoint_period",
                 "log_period", "eval_period", "solver.nan_policy")
 
@@ -167,8 +168,11 @@ def load_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
         longer = ("; a finished schedule cannot be extended (its LR steps and LGD windows are placed by "
                   "solver.max_iter): train a new run from it with model.weights=" + str(path.parent / FINAL) + ")"
                   if "solver.max_iter" in differ else "")
-        raise LGDError(f"--resume: the config differs from the one {path} was trained with ({', '.join(differ)}); "
-                       f"resume with -c {path.parent / 'config.yaml'}" + longer)
+        shown = "; ".join(f"{k} was {saved[k]!r}, now {now[k]!r}" for k in differ[:RESUME_KEYS_SHOWN])
+        more = f"; and {len(differ) - RESUME_KEYS_SHOWN} more" if len(differ) > RESUME_KEYS_SHOWN else ""
+        raise LGDError(f"--resume: the config differs from the one {path} was trained with in "
+                       f"{count(len(differ), 'key')} ({shown}{more}); resume with -c {path.parent / 'config.yaml'}"
+                       + longer)
     return ckpt
 
 

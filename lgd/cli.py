@@ -11,7 +11,8 @@ import torch
 import torchvision
 
 from lgd import __version__
-from lgd.errors import LGDError, user_message
+from lgd.data.formats import FORMATS
+from lgd.errors import LGDError, count, user_message
 from lgd.evaluation import EvalResult, format_percent, teacher_ahead
 from lgd.files import to_json
 
@@ -105,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="TOOL")
-    s = data_sub.add_parser("synth", help="write the built-in synthetic dataset in COCO format")
+    s = data_sub.add_parser("synth", help="write the built-in synthetic dataset in COCO format",
+                            description="Write the built-in synthetic dataset (shapes on cluttered backgrounds, the "
+                                        "dataset the configs train on when no dataset is given) as COCO: OUT/train, "
+                                        "OUT/val, OUT/test image folders and OUT/annotations/instances_<split>.json. "
+                                        "The data.synth.* config keys set its difficulty; this tool writes the "
+                                        "default configuration.")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--seed", type=int, default=0, help="seed (default 0); splits use seeds derived from it")
     s.add_argument("--train", type=int, default=800, help="training images (default 800)")
@@ -113,17 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", type=int, default=200, help="test images (default 200)")
     s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     _no_progress(s)
-    s = data_sub.add_parser("convert", help="convert Pascal VOC, YOLO or CrowdHuman annotations to a COCO JSON",
+    s = data_sub.add_parser("convert", help="convert Pascal VOC, YOLO, CrowdHuman or CSV annotations to a COCO JSON",
                             description="Write a COCO instances JSON and print the data.<split>.root/ann to train "
                                         "with it. Training configs can also read these formats directly "
                                         "(data.<split>.format); see README, 'Other dataset formats'.")
-    s.add_argument("--from", dest="fmt", required=True, choices=("voc", "yolo", "crowdhuman"), help="source format")
+    s.add_argument("--from", dest="fmt", required=True, choices=FORMATS[1:], help="source format")
     s.add_argument("--root", required=True,
-                   help="VOC: the VOC2007/VOC2012 folder; YOLO: the image folder; CrowdHuman: the Images folder")
-    s.add_argument("--ann", required=True, help="VOC: ImageSets/Main split name (e.g. trainval) or a split .txt; "
-                                                "YOLO: the labels folder; CrowdHuman: the .odgt file")
-    s.add_argument("--names", default="", help="class names file, one per line, or a YOLO data.yaml "
-                                               "(YOLO: required; VOC: default the 20 VOC classes)")
+                   help="VOC: the VOC2007/VOC2012 folder, or the images' folder of a labelImg folder; YOLO: the image "
+                        "folder; CrowdHuman: the Images folder; CSV: the folder image paths are relative to")
+    s.add_argument("--ann", required=True, help="VOC: ImageSets/Main split name (e.g. trainval), a split .txt, or a "
+                                                "folder of XML files (labelImg); YOLO: the labels folder; "
+                                                "CrowdHuman: the .odgt file; CSV: the image_path,xmin,ymin,xmax,"
+                                                "ymax,label file")
+    s.add_argument("--names", default="", help="class names file, one per line, a YOLO data.yaml or a keras-retinanet "
+                                               "classes .csv (YOLO, CSV: required; VOC: default the 20 VOC classes)")
+    s.add_argument("--class-map", default="", help="class renames as YAML, e.g. '{Alive: Tree, Dead: Tree}' (null "
+                                                   "drops a class); as data.class_map")
     s.add_argument("--box", default="full", choices=("full", "visible", "head"), help="CrowdHuman box type (default full)")
     s.add_argument("--out", required=True, help="the COCO JSON to write")
     _no_progress(s)
@@ -249,10 +260,6 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"checked with onnxruntime against PyTorch on {parity}")
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from lgd.builders import resolve_device
     from lgd.export import load_student
@@ -267,8 +274,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"left out {len(result.hidden)} hidden files (e.g. {result.hidden[0].name})", file=sys.stderr)
     for reason in result.skipped:
         print(f"lgd: skipped {reason}", file=sys.stderr)
-    print(f"{_count(len(result.records), 'image')}, {_count(result.detections, 'detection')} -> {out}"
-          + (f"; {_count(len(result.skipped), 'image')} skipped (see above)" if result.skipped else ""))
+    print(f"{count(len(result.records), 'image')}, {count(result.detections, 'detection')} -> {out}"
+          + (f"; {count(len(result.skipped), 'image')} skipped (see above)" if result.skipped else ""))
     return 1 if result.skipped else 0
 
 
@@ -296,11 +303,16 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "convert":
+        from lgd.config import load_config
         from lgd.data.formats import convert, describe, write_coco
 
-        root, data = convert(args.fmt, Path(args.root), args.ann, args.names, args.box)
-        write_coco(data, Path(args.out))
-        print(f"wrote {describe(data)} to {args.out}\ntrain with: data.train.root={root} data.train.ann={args.out}")
+        cfg = load_config(None, [f"data.class_map={args.class_map}"])
+        root, data = convert(args.fmt, Path(args.root), args.ann, args.names, args.box, cfg.data.class_map)
+        out = Path(args.out)
+        write_coco(data, out)
+        print(f"wrote {describe(data)} to {out}\ntrain with: data.train.root={root.absolute()} "
+              f"data.train.ann={out.absolute()}\n(a validation or test split: the same values as data.val.* or "
+              f"data.test.*)")
     elif args.data_command == "stats":
         from lgd.builders import split_paths
         from lgd.data import CocoDetection

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_typ
 import yaml
 
 from lgd.atomic import atomic_write_text
+from lgd.data.formats import FORMATS
 from lgd.data.synthetic import Difficulty
 from lgd.detectors.views import ARCHS
 from lgd.errors import ConfigError
@@ -31,10 +32,13 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass
 class SplitConfig:
-    format: str = _f("coco", "annotation format: coco | voc | yolo | crowdhuman (others are converted once to cached COCO JSON)")
-    root: str = _f("", "image folder (VOC: the VOC2007/VOC2012 folder); empty with ann empty = the built-in dataset's split")
-    ann: str = _f("", "COCO: instances JSON; VOC: ImageSets/Main split name (e.g. trainval) or split .txt; "
-                      "YOLO: labels folder; CrowdHuman: .odgt file; empty = the built-in dataset's split")
+    format: str = _f("coco", "annotation format: coco | voc | yolo | crowdhuman | csv (others are converted once to "
+                             "cached COCO JSON)")
+    root: str = _f("", "image folder (VOC: the VOC2007/VOC2012 folder, or the folder of a labelImg split's images); "
+                       "empty with ann empty = the built-in dataset's split")
+    ann: str = _f("", "COCO: instances JSON; VOC: ImageSets/Main split name (e.g. trainval), split .txt, or a folder "
+                      "of XML files (labelImg); YOLO: labels folder; CrowdHuman: .odgt file; CSV: the "
+                      "image_path,xmin,ymin,xmax,ymax,label file; empty = the built-in dataset's split")
 
 
 @dataclass
@@ -71,6 +75,8 @@ class DataConfig:
     eval_batch_size: int = _f(8, "images per evaluation batch")
     workers: int = _f(2, "data-loading worker processes (0 = load in the main process)")
     aspect_ratio_grouping: bool = _f(True, "batch landscape and portrait images separately")
+    class_map: dict = _f({}, "class renames applied to every split in every format, e.g. {Alive: Tree, Dead: Tree} "
+                             "(classes mapped to one name become one; to null: dropped with their objects)")
 
 
 @dataclass
@@ -166,7 +172,7 @@ class Config:
 # The values a string key may take. Archs, metrics, class formats and attention patterns are defined where they
 # are implemented and read from there.
 CHOICES: dict[str, tuple[str, ...]] = {
-    **{f"data.{split}.format": ("coco", "voc", "yolo", "crowdhuman") for split in ("train", "val", "test")},
+    **{f"data.{split}.format": FORMATS for split in ("train", "val", "test")},
     "data.crowdhuman_box": ("full", "visible", "head"),
     "data.metric": ("auto", *METRICS),
     "model.arch": ARCHS,
@@ -240,6 +246,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}; got '{value}'")
         return value
+    if annotation is dict or origin is dict:
+        return _class_map(key, _yaml_value(key, value) if isinstance(value, str) else value)
     if annotation is list or origin is list:
         if isinstance(value, str):
             value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
@@ -247,6 +255,28 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             value = [value]
         return [_scalar(key, v) for v in value]
     raise ConfigError(f"config key '{key}' has an unsupported type")
+
+
+def _yaml_value(key: str, text: str) -> Any:
+    """The value YAML reads in ``text``, given for config key ``key``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        reason = getattr(e, "problem", None) or e
+        raise ConfigError(f"config key '{key}': {text!r} is not valid YAML ({reason})") from None
+
+
+def _class_map(key: str, value: Any) -> dict[str, Optional[str]]:
+    """A mapping of class names to class names or None, as ``data.class_map`` takes it (YAML, e.g. {a: b, c: null})."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}' expects a mapping {{old name: new name or null}}, e.g. "
+                          f"{{Alive: Tree, Dead: Tree}}; got {value!r}")
+    for old, new in value.items():
+        if new is not None and (not isinstance(new, (str, int)) or isinstance(new, bool) or not str(new).strip()):
+            raise ConfigError(f"config key '{key}': '{old}' maps to {new!r}; give a class name, or null to drop it")
+    return {str(old): None if new is None else str(new) for old, new in value.items()}
 
 
 def _scalar(key: str, v: Any) -> Any:
@@ -296,7 +326,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. solver.max_iter=200)")
         key, value = item.split("=", 1)
-        set_key(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        set_key(cfg, key.strip(), _yaml_value(key.strip(), value) if value.strip() else "")
     validate(cfg)
     cfg.source = " ".join([str(path) if path else "defaults", *(overrides or [])])
     return cfg
@@ -357,8 +387,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{split}: give both root and ann (or neither, for the built-in dataset)")
         if s.format != "coco" and not s.root:
             raise ConfigError(f"data.{split}.format={s.format} needs data.{split}.root and data.{split}.ann")
-        if s.format == "yolo" and not cfg.data.names_file:
-            raise ConfigError(f"data.{split}.format=yolo needs data.names_file (class names, one per line, or data.yaml)")
+        if s.format in ("yolo", "csv") and not cfg.data.names_file:
+            raise ConfigError(f"data.{split}.format={s.format} needs data.names_file (class names, one per line, or "
+                              f"data.yaml)")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -33,3 +33,15 @@ def user_message(error: LGDError) -> str:
     if text.startswith("Caught ") and "Original Traceback" in text and marker in text:
         return text[text.rindex(marker) + len(marker):].rstrip()
     return text
+
+
+def count(n: int, noun: str) -> str:
+    """"1 class", "2 classes", "3 categories": ``n`` and ``noun`` in the number ``n`` asks for (English plurals of
+    the nouns lgd's messages count: +s, +es after s/x/ch/sh, y -> ies after a consonant)."""
+    if n == 1:
+        return f"{n} {noun}"
+    if noun.endswith(("s", "x", "ch", "sh")):
+        return f"{n} {noun}es"
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
+        return f"{n} {noun[:-1]}ies"
+    return f"{n} {noun}s"

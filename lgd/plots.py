@@ -10,6 +10,7 @@ import json
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from matplotlib.figure import Figure
 
 from lgd.errors import LGDError
 
-TEACHER_PREFIX = "teacher/"
+TEACHER_PREFIX = "teacher/"  # of the teacher's loss terms in train records
+TEACHER_SPLIT_SUFFIX = "_teacher"  # of the split the teacher diagnostic's eval records name ("val_teacher")
 
 
 def read_metrics(metrics_file: Path) -> list[dict]:
@@ -69,7 +71,8 @@ def plot_metrics(metrics_file: Path, out_dir: Path) -> list[Path]:
     loss.png: the total loss and every loss term against iteration, lightly smoothed, on
     a log scale; teacher terms are dashed in the colour of the matching student term.
     ap.png: each AP metric ("<iou type>/AP...") of each evaluated split against iteration,
-    one panel per iou type; written only when eval records hold an AP value (not NaN).
+    one panel per iou type, a colour per metric, the teacher diagnostic's curves dashed; written
+    only when eval records hold an AP value (not NaN).
 
     Returns:
         The paths written.
@@ -105,20 +108,12 @@ def _plot_losses(train: list[dict], out: Path) -> Path:
     figure = Figure(figsize=(10, 6))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    student_terms = sorted({name.removeprefix(TEACHER_PREFIX) for name in series} - {"total_loss"})
-    color_of = {name: f"C{i % 10}" for i, name in enumerate(student_terms)}
+    styles = paired_styles(set(series) - {"total_loss"}, lambda name: name.removeprefix(TEACHER_PREFIX))
+    styles["total_loss"] = {"color": "black", "linewidth": 2.0}
     window = max(1, len(train) // 50)
     for name in sorted(series, key=lambda n: (n != "total_loss", n)):
         iters, values = (np.asarray(column) for column in zip(*sorted(series[name].items())))
-        if name == "total_loss":
-            style = {"color": "black", "linewidth": 2.0}
-        else:
-            style = {
-                "color": color_of[name.removeprefix(TEACHER_PREFIX)],
-                "linestyle": "--" if name.startswith(TEACHER_PREFIX) else "-",
-                "linewidth": 1.2,
-            }
-        axes.plot(iters, smooth(values, window), label=name, **style)
+        axes.plot(iters, smooth(values, window), label=name, **{"linewidth": 1.2, **styles[name]})
     axes.set_yscale("log")
     axes.set_xlabel("iteration")
     axes.set_ylabel("loss" + (f" (moving average over {window} records)" if window > 1 else ""))
@@ -130,8 +125,33 @@ def _plot_losses(train: list[dict], out: Path) -> Path:
     return out
 
 
+def paired_styles(names: Iterable[str], student_of: Callable[[str], str]) -> dict[str, dict]:
+    """matplotlib line keywords per curve name: a colour of its own for each student curve, and its teacher's
+    curve (a name that ``student_of`` maps to another) dashed in the same colour."""
+    names = sorted(names)
+    color_of = {name: f"C{i % 10}" for i, name in enumerate(sorted({student_of(n) for n in names}))}
+    return {name: {"color": color_of[student_of(name)], "linestyle": "-" if student_of(name) == name else "--"}
+            for name in names}
+
+
+def _student_curve(label: str) -> str:
+    """The student's curve of an AP curve label "<split> <metric>": "val_teacher AP50" -> "val AP50"."""
+    split, _, metric = label.partition(" ")
+    return f"{split.removesuffix(TEACHER_SPLIT_SUFFIX)} {metric}"
+
+
 def _plot_ap(evals: list[dict], out: Path) -> Path | None:
     """Draw the AP panels; None, and no file, when there is no AP value to draw."""
+    figure = ap_figure(evals)
+    if figure is None:
+        return None
+    figure.savefig(out, dpi=100)
+    return out
+
+
+def ap_figure(evals: list[dict]) -> Figure | None:
+    """The AP panels of eval records, one per iou type, a curve per split and metric, the teacher diagnostic's
+    (split ``val_teacher``) dashed in the colour of the student's; None when there is no AP value to draw."""
     # iou type -> "split metric" -> iter -> AP; as for losses, a later record wins.
     panels: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for record in evals:
@@ -149,17 +169,17 @@ def _plot_ap(evals: list[dict], out: Path) -> Path | None:
     FigureCanvasAgg(figure)
     for index, (iou_type, curves) in enumerate(sorted(panels.items()), start=1):
         axes = figure.add_subplot(1, len(panels), index)
+        styles = paired_styles(curves, _student_curve)
         for label, points in sorted(curves.items()):
             iters, values = zip(*sorted(points.items()))
-            axes.plot(iters, values, marker="o", markersize=3, label=label)
+            axes.plot(iters, values, marker="o", markersize=3, label=label, **styles[label])
         axes.set_title(iou_type)
         axes.set_xlabel("iteration")
         axes.set_ylabel("AP (%)")
         axes.grid(True, alpha=0.3)
         axes.legend(fontsize="small", ncol=2)
     figure.tight_layout()
-    figure.savefig(out, dpi=100)
-    return out
+    return figure
 
 
 def plot_ap_curves(curves: dict[str, list[tuple[int, float]]], out: Path, title: str,

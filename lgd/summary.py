@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lgd import __version__
+from lgd import __version__, errors
 from lgd.config import Config
 from lgd.data import CocoDetection
 from lgd.data.stats import dataset_stats
@@ -92,8 +92,11 @@ def _split_lines(cfg: Config, split: str, dataset: CocoDetection) -> list[tuple[
         source = f"{s.format} {s.root}, converted once to {dataset.ann_file}"
     else:
         source = f"{dataset.ann_file}, images in {dataset.root}"
+    if cfg.data.class_map:
+        source += ", classes renamed by data.class_map"
     stats = dataset_stats(dataset)
-    counts = f"{stats.images} images, {stats.objects} objects, {len(stats.per_class)} classes"
+    counts = ", ".join(errors.count(n, noun) for n, noun in
+                       ((stats.images, "image"), (stats.objects, "object"), (len(stats.per_class), "class")))
     if len(dataset) < stats.images:
         counts += f"; {len(dataset)} images with objects are trained on (data.filter_empty)"
     return [(split, source), ("", counts)]

@@ -81,7 +81,8 @@ def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tiny_config, t
     with pytest.raises(LGDError, match="config differs"):
         train(tiny_config(f"output_dir={tmp_path / 'c'}", "solver.max_iter=2", "solver.base_lr=0.5"),
               resume=True, progress=False)
-    with pytest.raises(LGDError, match=r"solver.max_iter\).*cannot be extended.*model.weights=.*model_final.pth"):
+    with pytest.raises(LGDError, match=r"in 1 key \(solver.max_iter was 2, now 3\).*cannot be extended.*"
+                                       r"model.weights=.*model_final.pth"):
         train(tiny_config(f"output_dir={tmp_path / 'c'}", "solver.max_iter=3"), resume=True, progress=False)
 
 

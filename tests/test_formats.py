@@ -23,6 +23,7 @@ DATA = Path(__file__).parent / "data"
 VOC = DATA / "voc" / "VOC2007"
 YOLO = DATA / "yolo"
 CH = DATA / "crowdhuman"
+CSV = DATA / "csv"
 
 
 def _boxes(data: dict, image_id: int) -> list[tuple[list[float], int]]:
@@ -251,6 +252,10 @@ def _splits(fmt: str) -> list[str]:
         return [f"data.{s}.format=yolo" for s in ("train", "val")] + [f"data.names_file={YOLO / 'data.yaml'}"] + [
             f"data.{s}.{key}={YOLO / folder / s}"
             for s in ("train", "val") for key, folder in (("root", "images"), ("ann", "labels"))]
+    if fmt == "csv":
+        return [f"data.{s}.format=csv" for s in ("train", "val")] + [f"data.names_file={CSV / 'classes.csv'}"] + [
+            f"data.{s}.root={DATA / 'yolo' / 'images'}" for s in ("train", "val")] + [
+            f"data.{s}.ann={CSV / f'{s}.csv'}" for s in ("train", "val")]
     return [f"data.{s}.format=crowdhuman" for s in ("train", "val")] + [
         f"data.{s}.root={CH / 'Images'}" for s in ("train", "val")] + [
         f"data.{s}.ann={CH / f'annotation_{s}.odgt'}" for s in ("train", "val")]
@@ -260,6 +265,7 @@ def _splits(fmt: str) -> list[str]:
     ("voc", "VOC2007 11-point AP50 evaluation", "bbox/AP50"),
     ("yolo", "COCO evaluation", "bbox/AP"),
     ("crowdhuman", "CrowdHuman evaluation", "bbox/MR-2"),
+    ("csv", "COCO evaluation", "bbox/AP"),
 ])
 def test_each_format_trains_and_evaluates_from_the_cli(tmp_path, capsys, fmt, title, metric):
     out = tmp_path / "run"

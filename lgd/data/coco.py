@@ -267,6 +267,17 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def load_instances(path: Path) -> dict[str, Any]:
+    """A COCO instances file as a dict, checked as ``CocoDetection`` checks it (images are not opened).
+
+    Raises:
+        DatasetError: as ``CocoDetection`` does for the file's structure.
+    """
+    data = _load_json(Path(path))
+    _validate(data, Path(path))
+    return data
+
+
 def _working_root(root: Path, file_names: list[str]) -> Optional[Path]:
     """A parent (up to two levels up) or a subfolder of ``root`` under which every file in ``file_names`` exists.
 

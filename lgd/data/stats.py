@@ -15,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from lgd.errors import count
+
 if TYPE_CHECKING:
     from lgd.data.coco import CocoDetection
 
@@ -50,8 +52,9 @@ class DatasetStats:
         }
 
     def text(self) -> str:
-        lines = [f"{self.images} images ({self.empty_images} without objects), {self.objects} objects "
-                 f"(+{self.ignored} ignored: crowd / difficult / ignore regions), {len(self.per_class)} classes"]
+        lines = [f"{count(self.images, 'image')} ({self.empty_images} without objects), "
+                 f"{count(self.objects, 'object')} (+{self.ignored} ignored: crowd / difficult / ignore regions), "
+                 f"{count(len(self.per_class), 'class')}"]
         if self.images:
             lines.append(f"objects per image: mean {self.per_image.mean():.2f}, max {self.per_image.max()}")
         if self.objects:

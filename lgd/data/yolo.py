@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from lgd.data.formats import annotation, coco_categories
 from lgd.data.image_io import IMAGE_EXTENSIONS, find_images, read_image_size
 from lgd.data.text_io import read_text
-from lgd.errors import DatasetError
+from lgd.errors import DatasetError, count
 
 
 def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, float, float, float]]:
@@ -40,7 +40,7 @@ def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, flo
             raise DatasetError(f"{where}: fields must be numbers, found {line.strip()!r}") from None
         if not cls_value.is_integer() or not 0 <= cls_value < num_classes:
             raise DatasetError(f"{where}: class id {fields[0]} is not in 0..{num_classes - 1} "
-                               f"(the names file lists {num_classes} classes)")
+                               f"(the names file lists {count(num_classes, 'class')})")
         if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in coords):
             raise DatasetError(f"{where}: coordinates must be normalised to [0, 1], found {' '.join(fields[1:])}")
         rows.append((int(cls_value), *coords))

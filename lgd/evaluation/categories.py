@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lgd.errors import DatasetError
+from lgd.errors import DatasetError, count
 
 if TYPE_CHECKING:
     from lgd.data import CocoDetection
@@ -62,4 +62,4 @@ def check_categories(model: Categories, dataset: "CocoDetection", split: str, so
 def _describe(categories: Categories, limit: int = 8) -> str:
     items = [f"{i}:{n}" for i, n in zip(categories["ids"], categories["names"])]
     more = f", ... {len(items) - limit} more" if len(items) > limit else ""
-    return f"{len(items)} categories (id:name {', '.join(items[:limit])}{more})"
+    return f"{count(len(items), 'category')} (id:name {', '.join(items[:limit])}{more})"

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from pycocotools.coco import COCO
 
+from lgd.errors import count
 from lgd.evaluation.coco import EvalResult, format_percent
 from lgd.evaluation.matching import CategoryData, overlaps, per_category
 
@@ -101,7 +102,8 @@ def evaluate_crowdhuman(
     summary = (f" CrowdHuman AP     @ IoU={iou_thresh:.2f} = {format_percent(metrics['bbox/AP50'])}\n"
                f" CrowdHuman MR^-2  @ IoU={iou_thresh:.2f} = {format_percent(metrics['bbox/MR-2'])}  "
                f"(log-average miss rate over FPPI in [0.01, 1]; lower is better)\n"
-               f" over {len(scored)} of {len(cat_ids)} classes with ground truth, {len(image_ids)} images; "
+               f" over {len(scored)} of {count(len(cat_ids), 'class')} with ground truth, "
+               f"{count(len(image_ids), 'image')}; "
                f"detections in ignore regions not counted")
     return EvalResult(metrics=metrics, per_class={"bbox": per_class}, summary={"bbox": summary},
                       name="CrowdHuman", headline="bbox/AP50")

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from pycocotools.coco import COCO
 
+from lgd.errors import count
 from lgd.evaluation.coco import EvalResult, format_percent
 from lgd.evaluation.matching import CategoryData, overlaps, per_category
 
@@ -90,7 +91,8 @@ def evaluate_voc(
     mean_ap = float(np.mean(scored)) if scored else math.nan
     name = "VOC2007 11-point AP50" if use_07_metric else "VOC AP50 (area)"
     summary = (f" mean AP @ IoU={iou_thresh:.2f} ({name}) = {format_percent(mean_ap)}\n"
-               f" over {len(scored)} of {len(cat_ids)} classes with ground truth, {len(image_ids)} images; "
+               f" over {len(scored)} of {count(len(cat_ids), 'class')} with ground truth, "
+               f"{count(len(image_ids), 'image')}; "
                f"difficult / ignore-region objects ignored")
     return EvalResult(metrics={"bbox/AP50": mean_ap}, per_class={"bbox": per_class}, summary={"bbox": summary},
                       name=name, headline="bbox/AP50")
