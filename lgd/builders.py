@@ -1,5 +1,5 @@
 """From a config to what a run works with: the device and seeds, the datasets (built-in or converted), the model
-(LGD, or Baseline for ``lgd.enabled=false``), a trained model read back; and batches moved onto the device."""
+(LGD, FGFI, or Baseline: ``distill.method``), a trained model read back; and batches moved onto the device."""
 from __future__ import annotations
 
 import random
@@ -11,13 +11,14 @@ import torch
 from torch import Tensor
 
 from lgd.checkpoint import FINAL, load_checkpoint, load_model_weights
-from lgd.config import Config
+from lgd.config import Config, distill_method
 from lgd.data import CocoDetection, build_transforms, ensure_builtin_dataset
 from lgd.data.formats import cached_conversion
 from lgd.data.synthetic import Difficulty, default_cache_dir
 from lgd.detectors import VIEWS, build_detector
 from lgd.distiller import LGD
 from lgd.errors import ConfigError, LGDError
+from lgd.fgfi import FGFI, load_teacher
 from lgd.evaluation import Categories, check_categories, read_categories
 from lgd.trainable import Baseline, Trainable
 
@@ -88,11 +89,23 @@ def build_dataset(cfg: Config, split: str, train: bool) -> CocoDetection:
     )
 
 
-def build_model(cfg: Config, num_classes: int) -> Trainable:
-    """The student, wrapped in LGD, or in Baseline when ``lgd.enabled`` is false."""
+def build_model(cfg: Config, num_classes: int, teacher: bool = True) -> Trainable:
+    """The student wrapped as ``distill.method`` says: in LGD, in FGFI (with its frozen teacher read from
+    ``fgfi.teacher``), or in Baseline.
+
+    ``teacher=False`` builds an FGFI run's student as a Baseline, without reading the teacher: what evaluation,
+    export and pictures of a trained FGFI run need (its teacher was training-only).
+
+    Raises:
+        LGDError: the FGFI teacher file is missing, corrupt or not one lgd wrote.
+    """
     detector = build_detector(cfg.model, num_classes)
-    if not cfg.lgd.enabled:
+    method = distill_method(cfg)
+    if method == "none" or (method == "fgfi" and not teacher):
         return Baseline(detector)
+    if method == "fgfi":
+        frozen, sha256 = load_teacher(Path(cfg.fgfi.teacher))
+        return FGFI(detector, frozen, sha256, cfg.fgfi, cfg.model.anchor_sizes)
     return LGD(detector, num_classes=num_classes, config=cfg.lgd, max_iter=cfg.solver.max_iter)
 
 
@@ -113,7 +126,7 @@ def load_trained_model(cfg: Config, weights: Optional[Path] = None) -> tuple[Tra
     ckpt = load_checkpoint(path)
     # checkpoints written before categories were stored: the config's training split's annotation file
     categories = ckpt.get("categories") or read_categories(split_paths(cfg, "train")[1])
-    model = build_model(cfg, len(categories["ids"]))
+    model = build_model(cfg, len(categories["ids"]), teacher=False)
     load_model_weights(model, ckpt)
     return model, categories, path
 

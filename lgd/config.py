@@ -149,6 +149,27 @@ class LGDConfig:
     teacher_weight_decay: float = _f(1e-4, "teacher SGD weight decay")
 
 
+DISTILL_METHODS = ("auto", "lgd", "fgfi", "none")
+
+
+@dataclass
+class DistillConfig:
+    method: str = _f("auto", "what the student learns from besides its own loss: auto (lgd, or none with "
+                             "lgd.enabled=false) | lgd (label-guided self-distillation, no teacher to train) | fgfi "
+                             "(imitation of a frozen, pretrained teacher: fgfi.*) | none (the plain baseline)")
+
+
+@dataclass
+class FGFIConfig:
+    teacher: str = _f("", "FGFI's frozen teacher: a training checkpoint (model_final.pth) or an exported student.pth "
+                          "that lgd wrote; any detector family and depth whose FPN has the student's levels")
+    weight: float = _f(0.01, "weight of the imitation loss (FGFI paper: 0.01)")
+    psi: float = _f(0.5, "imitation-mask factor: an anchor is imitated where its IoU with a box exceeds psi x that "
+                         "box's best anchor IoU (FGFI paper: 0.5)")
+    warmup_iters: int = _f(400, "first iterations without imitation, while the adapter's input settles")
+    adapter_init_std: float = _f(1e-4, "standard deviation of the adapter convolutions' normal initialisation")
+
+
 @dataclass
 class Config:
     output_dir: str = _f("outputs/run", "where checkpoints, metrics, plots and the resolved config go")
@@ -163,6 +184,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the detector (the student)"})
     solver: SolverConfig = field(default_factory=SolverConfig, metadata={"help": "student optimisation"})
     lgd: LGDConfig = field(default_factory=LGDConfig, metadata={"help": "label-guided self-distillation"})
+    distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "which distillation method"})
+    fgfi: FGFIConfig = field(default_factory=FGFIConfig, metadata={"help": "fine-grained feature imitation (FGFI)"})
 
     # Where load_config read this config ("FILE KEY=VALUE ..."), for messages. Not a field: never saved in
     # config.yaml nor compared on --resume.
@@ -184,6 +207,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "solver.nan_policy": ("stop", "skip"),
     "lgd.class_format": CLASS_FORMATS,
     "lgd.attention": ATTENTION_PATTERNS,
+    "distill.method": DISTILL_METHODS,
 }
 
 
@@ -377,6 +401,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.{key} must be positive; got {getattr(cfg.model, key)}")
     if cfg.lgd.mask_guided and cfg.model.arch != "maskrcnn":
         raise ConfigError("lgd.mask_guided needs instance masks: set model.arch=maskrcnn or lgd.mask_guided=false")
+    method = distill_method(cfg)
+    if method == "fgfi":
+        if not cfg.fgfi.teacher:
+            raise ConfigError("distill.method=fgfi needs fgfi.teacher: a model_final.pth or student.pth that lgd wrote")
+        if cfg.fgfi.weight < 0 or not 0 < cfg.fgfi.psi <= 1 or cfg.fgfi.warmup_iters < 0 \
+                or cfg.fgfi.adapter_init_std <= 0:
+            raise ConfigError(f"fgfi: weight must be >= 0, psi in (0, 1], warmup_iters >= 0 and adapter_init_std > 0; "
+                              f"got weight={cfg.fgfi.weight}, psi={cfg.fgfi.psi}, warmup_iters={cfg.fgfi.warmup_iters},"
+                              f" adapter_init_std={cfg.fgfi.adapter_init_std}")
     try:
         Difficulty.of(cfg.data.synth)
     except ValueError as e:
@@ -390,6 +423,22 @@ def validate(cfg: Config) -> None:
         if s.format in ("yolo", "csv") and not cfg.data.names_file:
             raise ConfigError(f"data.{split}.format={s.format} needs data.names_file (class names, one per line, or "
                               f"data.yaml)")
+
+
+def distill_method(cfg: Config) -> str:
+    """The method a run trains with: ``distill.method``, where ``auto`` follows ``lgd.enabled`` (lgd, or none when
+    false). ``lgd.enabled`` is the older switch and says only whether LGD runs under ``auto`` or ``lgd``.
+
+    Raises:
+        ConfigError: ``distill.method=lgd`` with ``lgd.enabled=false``, which contradict each other.
+    """
+    method = cfg.distill.method
+    if method == "auto":
+        return "lgd" if cfg.lgd.enabled else "none"
+    if method == "lgd" and not cfg.lgd.enabled:
+        raise ConfigError("distill.method=lgd contradicts lgd.enabled=false; drop one of them (distill.method=none "
+                          "trains the plain baseline)")
+    return method
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

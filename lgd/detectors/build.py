@@ -55,6 +55,12 @@ def build_backbone(cfg: ModelConfig, one_stage: bool) -> BackboneWithFPN:
     )
 
 
+def retinanet_anchors(sizes: list[int]) -> AnchorGenerator:
+    """RetinaNet's anchors: per FPN level, base size x 2^(0, 1/3, 2/3) and aspect ratios 0.5, 1, 2 (9 per location)."""
+    octave = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes)
+    return AnchorGenerator(octave, ((0.5, 1.0, 2.0),) * len(octave))
+
+
 def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """A plain torchvision detector for ``num_classes`` foreground classes.
 
@@ -71,8 +77,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> nn.Module:
         detections_per_img=cfg.detections_per_img,
     )
     if cfg.arch == "retinanet":
-        octave = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in cfg.anchor_sizes)
-        anchors = AnchorGenerator(octave, ((0.5, 1.0, 2.0),) * len(octave))
+        anchors = retinanet_anchors(cfg.anchor_sizes)
         model: nn.Module = RetinaNet(backbone, num_classes, score_thresh=cfg.score_thresh, anchor_generator=anchors,
                                      **sizes)
         if cfg.head_norm == "gn":

@@ -39,6 +39,11 @@ class DetectorView:
         return self.model.backbone.out_channels
 
     @property
+    def anchor_generator(self) -> Optional[nn.Module]:
+        """The detector's own anchors (RetinaNet's, the R-CNN RPN's), or None for an anchor-free detector (FCOS)."""
+        return self.model.anchor_generator
+
+    @property
     def backbone_body(self) -> nn.Module:
         return self.model.backbone.body
 
@@ -135,6 +140,11 @@ class FCOSView(OneStageView):
     detector_type = FCOS
     reference = {"context_box": False, "detach_appearance": False}
 
+    @property
+    def anchor_generator(self) -> None:
+        # FCOS's "anchors" are one stride-sized point per location, not boxes to match objects against
+        return None
+
     def _compute_loss(self, targets, outputs, anchors, features):
         per_level = [x.size(2) * x.size(3) for x in features]
         return self.model.compute_loss(targets, outputs, anchors, per_level)
@@ -146,6 +156,10 @@ class TwoStageView(DetectorView):
 
     label_offset = 1
     reference = {"context_box": False, "detach_appearance": True}
+
+    @property
+    def anchor_generator(self) -> nn.Module:
+        return self.model.rpn.anchor_generator
 
     def _heads(self, image_list: ImageList, features: "OrderedDict[str, Tensor]", targets: Targets,
                frozen: bool = False) -> dict[str, Tensor]:
