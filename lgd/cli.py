@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=("train", "val", "test"), help="which split (default: val)")
     p.add_argument("--image", help="image id or file name in the split (default: the first image with objects)")
     p.add_argument("--out", help="PNG to write (default: output_dir/feature_maps_<split>_<image id>.png)")
+    p.add_argument("--fgfi-mask", action="store_true",
+                   help="draw FGFI's imitation mask (fgfi.psi) beside the student instead of the teacher's maps "
+                        "(always so for a distill.method=fgfi run)")
     return parser
 
 
@@ -339,7 +342,7 @@ def cmd_visualize(args: argparse.Namespace) -> None:
     model, dataset = load_trained(cfg, args.split, Path(args.weights) if args.weights else None)
     index = find_image(dataset, args.image)
     out = Path(args.out or Path(cfg.output_dir) / f"feature_maps_{args.split}_{dataset.ids[index]}.png")
-    print(f"wrote {visualize_features(model.to(device), dataset, index, cfg, device, out)}")
+    print(f"wrote {visualize_features(model.to(device), dataset, index, cfg, device, out, args.fgfi_mask)}")
 
 
 COMMANDS = {

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from lgd.config import FGFIConfig, config_from_dict
@@ -149,6 +150,26 @@ def mask_anchors(view: DetectorView, anchor_sizes: list[int]) -> nn.Module:
     return view.anchor_generator or retinanet_anchors(anchor_sizes)
 
 
+def batch_masks(anchors: nn.Module, image_list: ImageList, features: list[Tensor], targets: Targets,
+                psi: float) -> list[Tensor]:
+    """The imitation masks of a batch the detector preprocessed (``imitation_masks`` per image).
+
+    Args:
+        anchors: an ``AnchorGenerator`` (``mask_anchors``).
+        image_list: the detector's padded batch; features: its FPN levels (B, C, H_l, W_l).
+        targets: per image "boxes" (N_i, 4) XYXY in the padded frame.
+        psi: ``fgfi.psi``.
+
+    Returns:
+        Per level a (B, H_l, W_l) bool mask.
+    """
+    every = anchors(image_list, features)[0]  # one padded frame: every image has the same anchors
+    shapes = [tuple(f.shape[-2:]) for f in features]
+    per_level = list(every.split([h * w * a for (h, w), a in zip(shapes, anchors.num_anchors_per_location())]))
+    per_image = [imitation_masks(per_level, shapes, t["boxes"], psi) for t in targets]
+    return [torch.stack(level) for level in zip(*per_image)]
+
+
 class FGFI(Trainable):
     """Fine-grained feature imitation of a frozen teacher, around a torchvision RetinaNet, FCOS, Faster or Mask R-CNN.
 
@@ -231,18 +252,9 @@ class FGFI(Trainable):
         losses["loss_distill"] = self.weight * imitation_loss([self.adapter(s) for s in student], teacher, masks)
         return losses
 
-    def masks(self, image_list: Any, features: list[Tensor], targets: Targets) -> list[Tensor]:
-        """The imitation masks of a preprocessed batch: per level (B, H_l, W_l) bool.
-
-        ``image_list`` is the detector's ``ImageList``, ``features`` its FPN levels (B, C, H_l, W_l) and
-        ``targets`` the boxes in the padded frame.
-        """
-        anchors = self.anchors(image_list, features)[0]  # one padded frame: every image has the same anchors
-        shapes = [tuple(f.shape[-2:]) for f in features]
-        per_location = self.anchors.num_anchors_per_location()
-        per_image = [imitation_masks(list(anchors.split([h * w * a for (h, w), a in zip(shapes, per_location)])),
-                                     shapes, t["boxes"], self.psi) for t in targets]
-        return [torch.stack(level) for level in zip(*per_image)]
+    def masks(self, image_list: ImageList, features: list[Tensor], targets: Targets) -> list[Tensor]:
+        """The imitation masks of a preprocessed batch (``batch_masks``): per level (B, H_l, W_l) bool."""
+        return batch_masks(self.anchors, image_list, features, targets, self.psi)
 
     def _check_levels(self, student: list[Tensor], teacher: list[Tensor]) -> None:
         if [s.shape[-2:] for s in student] != [t.shape[-2:] for t in teacher]:

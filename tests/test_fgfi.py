@@ -4,15 +4,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
 from helpers import batch, tiny_detector
+from lgd.builders import build_dataset, build_model
 from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
 from lgd.cli import main
-from lgd.config import FGFIConfig, ModelConfig, SolverConfig, load_config, save_config
+from lgd.config import FGFIConfig, ModelConfig, SolverConfig, load_config, save_config, to_dict
 from lgd.errors import ConfigError, LGDError
 from lgd.export import export_student
+from lgd.feature_maps import DPI, PANEL_INCHES, fgfi_mask_maps
 from lgd.fgfi import FGFI, imitation_loss, imitation_masks, load_teacher
 from lgd.solver import Optimization, build_optimization
 from lgd.training import train
@@ -112,6 +115,17 @@ def test_teacher_of_another_width_is_projected_and_of_other_levels_is_refused(tm
         two_stage.train()(*batch("retinanet"))
 
 
+def test_a_training_checkpoint_is_a_teacher(tmp_path):
+    teacher = tiny_detector("fcos", num_classes=2)
+    cfg = load_config(None, ["model.arch=fcos", "model.depth=18", "model.fpn_channels=32", "model.norm=bn"])
+    torch.save({"model": {f"student.{k}": v for k, v in teacher.state_dict().items()}, "config": to_dict(cfg),
+                "categories": {"ids": [1, 2], "names": ["a", "b"]}}, tmp_path / FINAL)
+    loaded, sha = load_teacher(tmp_path / FINAL)
+    assert len(sha) == 64 and not loaded.training
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
 def test_a_missing_corrupt_or_other_teacher_is_refused_by_name(tmp_path):
     with pytest.raises(LGDError, match="fgfi.teacher file not found"):
         load_teacher(tmp_path / "none.pth")
@@ -137,9 +151,7 @@ def test_config_method_and_lgd_enabled(tiny_config):
 
 
 def test_fgfi_trains_evaluates_exports_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
-    teacher = tiny_config(f"output_dir={tmp_path / 'teacher'}", "distill.method=none", "solver.max_iter=2")
-    train(teacher, progress=False)
-    fgfi = [f"fgfi.teacher={tmp_path / 'teacher' / FINAL}", "distill.method=fgfi", "fgfi.warmup_iters=1"]
+    fgfi = [f"fgfi.teacher={_teacher_file(tmp_path)}", "distill.method=fgfi", "fgfi.warmup_iters=1"]
 
     uninterrupted = tiny_config(f"output_dir={tmp_path / 'a'}", *fgfi)
     save_config(uninterrupted, tmp_path / "a.yaml")
@@ -174,3 +186,24 @@ def test_fgfi_trains_evaluates_exports_and_resumes_exactly(tiny_config, tmp_path
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_the_fgfi_mask_is_drawn_over_an_image(tiny_config, tmp_path, capsys):
+    cfg = tiny_config()
+    student = tiny_detector("retinanet").eval()
+    student.transform.min_size = (64,)
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}
+    energy, mask = fgfi_mask_maps(student, torch.rand(3, 48, 64), target, cfg)  # resized to 64 x 85
+    assert [m.shape for m in mask] == [e.shape for e in energy]
+    assert mask[0].shape == (8, 11) and set(mask[0].unique().tolist()) == {0.0, 1.0}
+    rows, cols = mask[0].nonzero().unbind(1)
+    # the box is (10.7, 10.7)-(53.3, 53.3) in the resized frame: its P3 (stride 8) locations lie about it
+    assert 0 <= int(rows.min()) and int(rows.max()) <= 7 and int(cols.max()) <= 7
+
+    dataset = build_dataset(cfg, "val", train=False)
+    torch.save({"model": build_model(cfg, dataset.num_classes).state_dict()}, tmp_path / "w.pth")
+    save_config(cfg, tmp_path / "cfg.yaml")
+    out = tmp_path / "mask.png"
+    assert main(["visualize", "-c", str(tmp_path / "cfg.yaml"), "--weights", str(tmp_path / "w.pth"),
+                 "--fgfi-mask", "--out", str(out)]) == 0
+    assert Image.open(out).size == (2 * PANEL_INCHES * DPI, 6 * PANEL_INCHES * DPI)
