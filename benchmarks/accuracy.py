@@ -6,6 +6,7 @@
     python benchmarks/accuracy.py --arch retinanet fcos --parallel 12 --budget 480 --iters 1000 2000 4000
     python benchmarks/accuracy.py --quick                     # tiny, for the test suite
     python benchmarks/accuracy.py --regime pretrained --arch fcos   # pretrained backbone, photographic target
+    python benchmarks/accuracy.py --regime pretrained --arch fcos fasterrcnn --method lgd fgfi --teacher-factor 3
 
 For every architecture and seed it trains the baseline (``lgd.enabled=false``) and LGD with the same recipe, seed
 and iteration count, and evaluates both on the **test** split (used for nothing else); for every LGD run it also
@@ -25,6 +26,13 @@ is not started (the report lists it as not run); the equal-iteration pairs alway
 target of ``regime_data.py`` (shapes on photographs), with ``configs/regime_<arch>_lgd.yaml``. Backbone and dataset
 are made once and cached ($LGD_CACHE/regime or ~/.cache/lgd/regime); the report gives the pretraining's cost once,
 and whether this invocation paid it or found the file cached.
+
+``--method lgd fgfi`` (issue 25) adds FGFI runs (``distill.method=fgfi``) at the same iterations and seeds, with the
+teacher ``--fgfi-teacher FILE`` or, by default, one teacher per architecture trained first: the same detector as a
+baseline ``--teacher-factor`` times as long (schedule stretched, seed 0), evaluated on test like every run. Every
+run records its training CPU seconds (``train_cpu_s``, ``time.process_time`` of its one-thread process), from which
+the report gives each method's extra cost beyond the student's own (LGD: LGD minus baseline; FGFI: the teacher's
+training plus FGFI minus baseline, means over seeds) and their ratio.
 """
 from __future__ import annotations
 
@@ -74,7 +82,9 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     if done.is_file() and json.loads(done.read_text()).get("overrides") == overrides:
         teacher_curve = _val_curve(read_metrics(metrics_file), "val_teacher")
         return {**json.loads(done.read_text()), "teacher_val_curve": teacher_curve}
+    cpu_started = time.process_time()
     out = train(cfg, resume=(Path(cfg.output_dir) / "last.pth").is_file(), progress=False)
+    train_cpu_s = time.process_time() - cpu_started  # of a resumed run: only this process's part
     model, test = load_trained(cfg, "test")
     device = resolve_device(cfg.device)
     model.to(device)
@@ -84,7 +94,7 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     run = {"overrides": overrides, "max_iter": cfg.solver.max_iter, "test": result.metrics,
            "val_final": out["metrics"], "seconds_per_iter": statistics.median(step_times[1:] or step_times),
            "val_curve": _val_curve(records, "val"), "teacher_val_curve": _val_curve(records, "val_teacher"),
-           "device": str(device)}
+           "device": str(device), "train_cpu_s": train_cpu_s}
     if teacher:
         run["teacher_test"] = evaluate(model, test, cfg, device, teacher=True, progress=False, split="test").metrics
     run["wall_s"] = time.perf_counter() - started
@@ -224,12 +234,20 @@ def main(argv: list[str] | None = None) -> dict:
                         help="before anything else, measure each --arch's equal-time factor from ROUNDS quiet pairs: "
                              "a baseline and an LGD run of %d steps side by side, one thread each (run it with "
                              "nothing else on the machine); writes step_ratio_<arch>.json" % CALIBRATION_STEPS)
+    parser.add_argument("--method", nargs="+", default=["lgd"], choices=("lgd", "fgfi"),
+                        help="distillation methods beside the baseline; lgd always runs (the reference)")
+    parser.add_argument("--fgfi-teacher", metavar="FILE", help="FGFI's teacher for every --arch (default: trained, "
+                        "see --teacher-factor)")
+    parser.add_argument("--teacher-factor", type=float, default=3.0,
+                        help="FGFI's trained teacher: the baseline recipe this many times as long (default 3)")
     parser.add_argument("--quick", action="store_true", help="tiny runs, for the test suite")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
     args = parser.parse_args(argv)
     if args.config and len(args.arch) > 1:
         parser.error("--config needs a single --arch")
+    if "lgd" not in args.method:
+        parser.error("--method: lgd is the reference every report compares with; give e.g. --method lgd fgfi")
     if args.budget and not args.iters:
         parser.error("--budget needs --iters, the schedule lengths to choose from")
     given_ratio = {}
@@ -310,6 +328,10 @@ def main(argv: list[str] | None = None) -> dict:
                 jobs.append(Job(MAIN, order, (arch, kind, seed), spec(arch, seed, kind, sched[arch] + extra),
                                 kind == "lgd", chosen[arch], calibration.get(arch, {}).get(kind, 0.0)))
                 order += 1
+    if "fgfi" in args.method:
+        extra_jobs = fgfi_jobs(args, configs, spec, sched, chosen, report, order)
+        jobs += extra_jobs
+        order += len(extra_jobs)
     first = args.arch[0]
     for name, extra in ablations:
         for seed in ablation_seeds:
@@ -376,6 +398,14 @@ def main(argv: list[str] | None = None) -> dict:
             return [(name, ",".join(extra), seed, results[(arch, kind, seed)], results.get((arch, "baseline", seed)))
                     for seed in ablation_seeds if (arch, kind, seed) in results]
 
+        fgfi_seeds = [s for s in seeds if (arch, "fgfi", s) in results]
+        if fgfi_seeds:
+            entry["methods"] = methods_summary([results[(arch, "baseline", s)] for s in fgfi_seeds],
+                                               [results[(arch, "lgd", s)] for s in fgfi_seeds],
+                                               [results[(arch, "fgfi", s)] for s in fgfi_seeds],
+                                               report["fgfi_teachers"].get(arch, {}))
+            md.append(methods_table(f"{arch}: baseline, LGD, FGFI at equal iterations ({chosen[arch]} each), seeds "
+                                    f"{fgfi_seeds}, test split", entry["methods"]))
         rows = [row for n, e in (ablations if arch == first else []) for row in variant_rows(n, f"ablation:{n}", e)]
         if rows:
             rows = variant_rows("LGD (default)", "lgd", []) + rows
@@ -407,6 +437,81 @@ def main(argv: list[str] | None = None) -> dict:
     report["wall_s"] = round(time.perf_counter() - began, 1)
     (out / f"accuracy_{'_'.join(args.arch)}.json").write_text(to_json(report, indent=1))
     return report
+
+
+def fgfi_jobs(args, configs: dict, spec, sched: dict, chosen: dict, report: dict, order: int) -> list[Job]:
+    """The FGFI runs of every architecture and seed, after training their teachers (unless ``--fgfi-teacher``);
+    records each teacher (file, test AP, training CPU seconds) in ``report["fgfi_teachers"]``."""
+    from lgd.config import load_config
+
+    teachers: dict = {}
+    if args.fgfi_teacher:
+        teachers = {a: {"file": args.fgfi_teacher, "train_cpu_s": None} for a in args.arch}
+    else:
+        factor = args.teacher_factor
+        runs = []
+        for arch in args.arch:
+            base = spec(arch, 0, f"fgfi_teacher_x{factor:g}", ["distill.method=none"] + sched[arch])
+            runs.append(Job(MAIN, len(runs), (arch, "fgfi_teacher", 0),
+                            stretched(base, load_config(configs[arch], base), factor), False,
+                            round(chosen[arch] * factor)))
+        done, _, failed = _run_jobs(configs, runs, args.parallel, lambda results: [], math.inf)
+        for job in runs:
+            arch = job.key[0]
+            if job.key in done:
+                run = done[job.key]
+                teachers[arch] = {"file": str(Path(run_dir(job.overrides)) / "model_final.pth"), "factor": factor,
+                                  "iters": run["max_iter"], "test": run["test"], "train_cpu_s": run["train_cpu_s"]}
+            else:
+                report.setdefault("fgfi_teachers_failed", {})[arch] = failed.get(job.key, "not run")
+    report["fgfi_teachers"] = teachers
+    extra = ["fgfi.warmup_iters=1"] if args.quick else []
+    return [Job(MAIN, order + i, (arch, "fgfi", seed),
+                spec(arch, seed, "fgfi", sched[arch] + extra
+                     + ["distill.method=fgfi", f"fgfi.teacher={teachers[arch]['file']}"]), False, chosen[arch])
+            for i, (arch, seed) in enumerate((a, s) for a in args.arch if a in teachers for s in args.seeds)]
+
+
+def run_dir(overrides: list[str]) -> str:
+    """The output_dir a run's overrides set (the last one given)."""
+    return [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")][-1]
+
+
+def methods_summary(baselines: list[dict], lgds: list[dict], fgfis: list[dict], teacher: dict) -> dict:
+    """Mean (and std over seeds) test AP and training CPU seconds of each method, and the extra cost beyond the
+    student's own: LGD minus baseline; the teacher's training plus FGFI minus baseline (issue 25)."""
+    def stats(values: list[float]) -> dict:
+        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    out = {name: {"AP": stats([r["test"]["bbox/AP"] for r in runs]),
+                  "train_cpu_s": stats([r["train_cpu_s"] for r in runs])}
+           for name, runs in (("baseline", baselines), ("lgd", lgds), ("fgfi", fgfis))}
+    base_cpu = out["baseline"]["train_cpu_s"]["mean"]
+    out["lgd"]["extra_cpu_s"] = out["lgd"]["train_cpu_s"]["mean"] - base_cpu
+    teacher_cpu = teacher.get("train_cpu_s")
+    out["fgfi"]["extra_cpu_s"] = (None if teacher_cpu is None
+                                  else teacher_cpu + out["fgfi"]["train_cpu_s"]["mean"] - base_cpu)
+    fgfi_extra = out["fgfi"]["extra_cpu_s"]
+    out["lgd_over_fgfi_extra_cost"] = out["lgd"]["extra_cpu_s"] / fgfi_extra if fgfi_extra else None
+    out["teacher"] = teacher
+    return out
+
+
+def methods_table(title: str, summary: dict) -> str:
+    teacher = summary["teacher"]
+    lines = [f"**{title}**", "", "| method | AP (mean ± std) | train CPU s | extra CPU s beyond the student's own |",
+             "|---|---|---|---|"]
+    for name, label in (("baseline", "baseline"), ("lgd", "LGD"), ("fgfi", "FGFI")):
+        row = summary[name]
+        extra = row.get("extra_cpu_s")
+        lines.append(f"| {label} | {row['AP']['mean']:.2f} ± {row['AP']['std']:.2f} | "
+                     f"{row['train_cpu_s']['mean']:.0f} | {'' if name == 'baseline' else _fmt(extra)} |")
+    test_ap = teacher.get("test", {}).get("bbox/AP")
+    lines += ["", f"FGFI teacher: {teacher.get('file')}" + (f", test AP {_fmt(test_ap)}" if test_ap is not None else "")
+              + (f", trained in {teacher['train_cpu_s']:.0f} CPU s (counted in FGFI's extra cost)"
+                 if teacher.get("train_cpu_s") is not None else ", training cost not known (--fgfi-teacher)"),
+              f"Extra-cost ratio LGD / FGFI: {_fmt(summary['lgd_over_fgfi_extra_cost'])} (the paper: 0.49)", ""]
+    return "\n".join(lines)
 
 
 def _is_positive_number(text: str) -> bool:

@@ -126,7 +126,8 @@ class ImitationAdapter(nn.Module):
     """FGFI's adapter on the student's features, shared by all FPN levels: conv3x3 + ReLU (the official code's),
     then a 1x1 projection where the teacher's FPN is wider or narrower: (B, C_s, H, W) -> (B, C_t, H, W).
 
-    Weights are drawn from N(0, ``std``), biases are 0.
+    Weights are drawn from N(0, ``std``) truncated at 2 ``std`` (the official code's ``normal_init(..., 0.0001,
+    truncated=True)``), biases are 0.
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, std: float) -> None:
@@ -137,7 +138,7 @@ class ImitationAdapter(nn.Module):
         self.layers = nn.Sequential(*layers)
         for m in self.layers:
             if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, std=std)
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
