@@ -32,7 +32,9 @@ teacher ``--fgfi-teacher FILE`` or, by default, one teacher per architecture tra
 baseline ``--teacher-factor`` times as long (schedule stretched, seed 0), evaluated on test like every run. Every
 run records its training CPU seconds (``train_cpu_s``, ``time.process_time`` of its one-thread process), from which
 the report gives each method's extra cost beyond the student's own (LGD: LGD minus baseline; FGFI: the teacher's
-training plus FGFI minus baseline, means over seeds) and their ratio.
+training plus FGFI minus baseline, means over seeds) and their ratio. ``train_cpu_s`` covers everything ``train``
+does, the evaluations on val during training included (and LGD's teacher diagnostic there): for cost comparisons
+pass ``eval_period=0 lgd.eval_teacher=false``, and run the pairs quietly (``--parallel`` no more than the cores).
 """
 from __future__ import annotations
 

@@ -197,14 +197,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from lgd.builders import load_trained, resolve_device
     from lgd.checkpoint import FINAL
+    from lgd.config import distill_method
     from lgd.evaluation.evaluator import evaluate
 
     cfg = _load(args)
     weights = Path(args.weights or Path(cfg.output_dir) / FINAL)
     device = resolve_device(cfg.device)
-    if args.teacher and not cfg.lgd.enabled:
+    if args.teacher and distill_method(cfg) != "lgd":
         raise LGDError("--teacher: the teacher diagnostic needs an LGD run (lgd.enabled=true); this config trains "
-                       "the plain baseline")
+                       f"with distill.method={distill_method(cfg)}")
     model, dataset = load_trained(cfg, args.split, weights)
     model.to(device)
     results, written = {}, []

@@ -213,9 +213,10 @@ class FGFI(Trainable):
         return [OptimizerGroup([self.student, self.adapter])]
 
     def describe(self) -> str:
+        """FGFI's teacher and adapter and when imitation starts, for the training summary (its "LGD" line)."""
         teacher = sum(p.numel() for p in self.teacher.parameters()) / 1e6
         adapter = sum(p.numel() for p in self.adapter.parameters()) / 1e6
-        return (f"fgfi: frozen teacher {self.teacher_file} ({type(self.teacher).__name__}, {teacher:.2f} M "
+        return (f"off; FGFI instead: frozen teacher {self.teacher_file} ({type(self.teacher).__name__}, {teacher:.2f} M "
                 f"parameters, not trained, not saved) + adapter {adapter:.2f} M; imitation (weight {self.weight}, "
                 f"psi {self.psi}) from iteration {self.warmup_iters}")
 

@@ -40,7 +40,7 @@ class Trainable(nn.Module):
 
     def describe(self) -> str:
         """One line on how this model trains, for the summary printed before training."""
-        return "off: the plain baseline (lgd.enabled=false)"
+        return "off: the plain baseline (distill.method=none, or lgd.enabled=false)"
 
     def teacher_detect(self, images: list[Tensor], targets: Targets) -> list[dict[str, Tensor]]:
         """The teacher diagnostic's detections. Raises LGDError: only LGD has a teacher."""

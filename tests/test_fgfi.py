@@ -1,5 +1,7 @@
 """FGFI, the teacher-based comparison: the imitation mask, the loss, the frozen teacher, training end to end."""
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,3 +209,21 @@ def test_the_fgfi_mask_is_drawn_over_an_image(tiny_config, tmp_path, capsys):
     assert main(["visualize", "-c", str(tmp_path / "cfg.yaml"), "--weights", str(tmp_path / "w.pth"),
                  "--fgfi-mask", "--out", str(out)]) == 0
     assert Image.open(out).size == (2 * PANEL_INCHES * DPI, 6 * PANEL_INCHES * DPI)
+
+
+def test_the_benchmark_counts_the_teacher_in_fgfi_extra_cost():
+    benchmarks = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    accuracy = importlib.import_module("accuracy")
+
+    def run(ap: float, cpu: float) -> dict:
+        return {"test": {"bbox/AP": ap}, "train_cpu_s": cpu}
+
+    summary = accuracy.methods_summary([run(10, 100), run(12, 120)], [run(11, 150), run(13, 170)],
+                                       [run(12, 130), run(12, 150)], {"file": "t.pth", "train_cpu_s": 300})
+    assert summary["lgd"]["extra_cpu_s"] == pytest.approx(50)  # 160 - 110
+    assert summary["fgfi"]["extra_cpu_s"] == pytest.approx(330)  # 300 + 140 - 110
+    assert summary["lgd_over_fgfi_extra_cost"] == pytest.approx(50 / 330)
+    assert summary["baseline"]["AP"]["mean"] == 11 and summary["fgfi"]["AP"]["std"] == 0
+    assert "| FGFI | 12.00 ± 0.00 | 140 | 330.00 |" in accuracy.methods_table("t", summary)
