@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
-from lgd.config import FGFIConfig, config_from_dict
+from lgd.config import FGFIConfig, ModelConfig, config_from_dict
 from lgd.detectors import DetectorView, Targets, build_detector, view_of
 from lgd.detectors.build import retinanet_anchors
 from lgd.detectors.weights import student_state
@@ -195,7 +195,7 @@ class FGFI(Trainable):
         object.__setattr__(self, "teacher_view", view_of(teacher))
         self.teacher_file = cfg.teacher
         self.adapter = ImitationAdapter(self.view.channels, self.teacher_view.channels, cfg.adapter_init_std)
-        self.anchors = mask_anchors(self.view, anchor_sizes or [32, 64, 128, 256, 512])
+        self.anchors = mask_anchors(self.view, anchor_sizes or ModelConfig().anchor_sizes)
         self.weight, self.psi, self.warmup_iters = cfg.weight, cfg.psi, cfg.warmup_iters
         self.register_buffer("teacher_sha256", torch.tensor(list(bytes.fromhex(teacher_sha256)), dtype=torch.uint8))
         self.iteration = 0
@@ -234,6 +234,13 @@ class FGFI(Trainable):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, images: list[Tensor], targets: Optional[Targets] = None):
+        """Training: the student's detection loss terms and ``loss_distill`` (the weighted imitation loss, 0 in
+        the warm-up); eval: the student's detections. ``images`` are (3, H, W) floats in [0, 1].
+
+        Raises:
+            ValueError: training without targets.
+            LGDError: the teacher's FPN levels differ from the student's.
+        """
         if not self.training:
             return self.student(images)
         if targets is None:

@@ -153,7 +153,9 @@ def test_config_method_and_lgd_enabled(tiny_config):
 
 
 def test_fgfi_trains_evaluates_exports_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
-    fgfi = [f"fgfi.teacher={_teacher_file(tmp_path)}", "distill.method=fgfi", "fgfi.warmup_iters=1"]
+    # 3 iterations, a checkpoint at 2: the resumed run imitates on both sides of the checkpoint
+    fgfi = [f"fgfi.teacher={_teacher_file(tmp_path)}", "distill.method=fgfi", "fgfi.warmup_iters=1",
+            "solver.max_iter=3", "solver.steps=[2]"]
 
     uninterrupted = tiny_config(f"output_dir={tmp_path / 'a'}", *fgfi)
     save_config(uninterrupted, tmp_path / "a.yaml")
