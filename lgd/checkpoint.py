@@ -27,10 +27,11 @@ from lgd.trainable import Trainable
 CHECKPOINT = "last.pth"  # always the newest checkpoint (a hard link to the newest numbered one where possible)
 FINAL = "model_final.pth"
 NUMBERED = re.compile(r"model_(\d{7})\.pth")
-# Keys that may change between a run and its --resume: where and how fast it runs, not what it computes.
+# Keys that may change between a run and its --resume: where and how fast it runs, not what it computes. The FGFI
+# teacher may move: the checkpoint's teacher_sha256 decides whether it is the same file (lgd/fgfi.py).
 RESUME_KEYS_SHOWN = 8  # differing keys a refused --resume lists with their values; the rest are counted
 RUNTIME_KEYS = ("output_dir", "device", "threads", "data.workers", "keep_checkpoints", "checkpoint_period",
-                "log_period", "eval_period", "solver.nan_policy")
+                "log_period", "eval_period", "solver.nan_policy", "fgfi.teacher")
 
 
 def atomic_save(obj: Any, path: Path) -> None:

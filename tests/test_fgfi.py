@@ -1,6 +1,7 @@
 """FGFI, the teacher-based comparison: the imitation mask, the loss, the frozen teacher, training end to end."""
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -184,6 +185,13 @@ def test_fgfi_trains_evaluates_exports_and_resumes_exactly(tiny_config, tmp_path
         train(interrupted, progress=False)
     assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["iteration"] == 2
     monkeypatch.setattr(Optimization, "step", real_step)
+    interrupted.fgfi.teacher = str(_teacher_file(tmp_path, channels=16))
+    with pytest.raises(LGDError, match="another teacher"):
+        train(interrupted, resume=True, progress=False)
+    moved = tmp_path / "moved" / "teacher.pth"  # the same teacher elsewhere: its SHA-256 says it is the same
+    moved.parent.mkdir()
+    shutil.copy(fgfi[0].split("=", 1)[1], moved)
+    interrupted.fgfi.teacher = str(moved)
     train(interrupted, resume=True, progress=False)
     a = load_checkpoint(tmp_path / "a" / FINAL)["model"]
     b = load_checkpoint(tmp_path / "b" / FINAL)["model"]
