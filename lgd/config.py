@@ -166,8 +166,9 @@ class FGFIConfig:
     weight: float = _f(0.01, "weight of the imitation loss (FGFI paper: 0.01)")
     psi: float = _f(0.5, "imitation-mask factor: an anchor is imitated where its IoU with a box exceeds psi x that "
                          "box's best anchor IoU (FGFI paper: 0.5)")
-    warmup_iters: int = _f(400, "first iterations without imitation, while the adapter's input settles")
-    adapter_init_std: float = _f(1e-4, "standard deviation of the adapter convolutions' normal initialisation")
+    warmup_iters: int = _f(400, "first iterations without imitation, while the student's features settle (official code: 400)")
+    adapter_init_std: float = _f(1e-4, "standard deviation of the adapter convolutions' normal initialisation, truncated at "
+                                          "2 std (official code: 1e-4)")
 
 
 @dataclass
