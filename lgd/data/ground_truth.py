@@ -98,7 +98,7 @@ def warn_crowd_only_classes(annotations: list[dict[str, Any]], categories: dict[
     only = [categories[c] for c in sorted(crowd - objects)]
     if only:
         warnings.warn(f"{count(len(only), 'class')} of {path} ({', '.join(only[:8])}{', ...' if len(only) > 8 else ''})"
-                      f" have only crowd annotations (iscrowd=1), which are ignore regions: no detector is trained "
+                      f" {'has' if len(only) == 1 else 'have'} only crowd annotations (iscrowd=1), which are ignore regions: no detector is trained "
                       f"on them and evaluation does not score them. CVAT exports brush-drawn masks (RLE) with "
                       f"iscrowd=1; set iscrowd=0 on the objects meant to be learnt", stacklevel=3)
 
