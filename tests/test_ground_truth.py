@@ -146,7 +146,7 @@ def test_a_class_with_only_crowd_annotations_is_named_and_crowds_counted_apart(t
     anns = [_ann(i, i, [2.0, 2.0, 12.0, 12.0], segmentation=square) for i in range(1, 5)]
     anns += [_rle_crowd(10 + i, i, 2) for i in range(1, 5)]
     ann = _write_coco(tmp_path / "train", anns, images=4, categories=2)
-    with pytest.warns(UserWarning, match=r"1 class of .* \(class2\) has only crowd annotations \(iscrowd=1\)"):
+    with pytest.warns(UserWarning, match=r"1 class of .* \(class2\) has only crowd / ignore annotations \(iscrowd=1\)"):
         dataset = CocoDetection(tmp_path / "train", ann, with_masks=True, filter_empty=True)
     dataset.check_trainable()
     cfg = _cfg(tmp_path, tmp_path / "train", ann)
@@ -202,7 +202,7 @@ def test_validation_images_shared_with_training_are_counted(tmp_path):
     val = CocoDetection(val_dir, val_dir / "instances.json")
     message = shared_images(train, val)
     assert message is not None and message.startswith("3 of the 4 validation images are also training images")
-    assert "1.png (same file)" in message and "copy.png is" in message and "same bytes, SHA-1" in message
+    assert "1.png (the same file)" in message and "copy.png is" in message and "same bytes, SHA-1" in message
 
 
 def test_distinct_splits_share_nothing_even_with_equal_sizes(tmp_path):

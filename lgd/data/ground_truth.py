@@ -90,17 +90,19 @@ def renumber(annotations: list[dict[str, Any]]) -> np.ndarray:
 
 
 def warn_crowd_only_classes(annotations: list[dict[str, Any]], categories: dict[int, str], path: Path) -> None:
-    """One warning naming the categories whose every annotation is a crowd region (``iscrowd=1``): no detector
-    is trained on them, and evaluation has nothing to score for them. CVAT's COCO export marks brush-drawn masks
-    (RLE) ``iscrowd=1``."""
+    """One warning naming the categories whose every annotation is a crowd / ignore region (``iscrowd=1``): no
+    detector is trained on them, and evaluation has nothing to score for them. Converters write VOC ``difficult``
+    objects and CrowdHuman ignore regions so; CVAT's COCO export writes brush-drawn masks (RLE) so."""
     crowd = {a["category_id"] for a in annotations if a["iscrowd"]}
     objects = {a["category_id"] for a in annotations if not a["iscrowd"]}
     only = [categories[c] for c in sorted(crowd - objects)]
     if only:
-        warnings.warn(f"{count(len(only), 'class')} of {path} ({', '.join(only[:8])}{', ...' if len(only) > 8 else ''})"
-                      f" {'has' if len(only) == 1 else 'have'} only crowd annotations (iscrowd=1), which are ignore regions: no detector is trained "
-                      f"on them and evaluation does not score them. CVAT exports brush-drawn masks (RLE) with "
-                      f"iscrowd=1; set iscrowd=0 on the objects meant to be learnt", stacklevel=3)
+        names = ", ".join(only[:8]) + (", ..." if len(only) > 8 else "")
+        warnings.warn(f"{count(len(only), 'class')} of {path} ({names}) {'has' if len(only) == 1 else 'have'} only "
+                      f"crowd / ignore annotations (iscrowd=1): no detector is trained on "
+                      f"{'it' if len(only) == 1 else 'them'} and evaluation does not score "
+                      f"{'it' if len(only) == 1 else 'them'}. CVAT's COCO export marks brush-drawn masks (RLE) "
+                      f"iscrowd=1: set iscrowd=0 on the objects meant to be learnt", stacklevel=3)
 
 
 def warn_counted(ann_ids: np.ndarray, text: str, path: Path) -> None:

@@ -28,7 +28,7 @@ def _sha1(path: Path) -> str:
 
 
 def shared_files(train: list[Path], val: list[Path]) -> list[tuple[Path, Path, str]]:
-    """(val file, train file, how: "same file" or "same bytes, SHA-1 ...") for each val file also in ``train``.
+    """(val file, train file, how: "the same file" or "same bytes, SHA-1 ...") for each val file also in ``train``.
 
     Raises:
         OSError: a file cannot be read (datasets check their files exist before this runs).
@@ -51,7 +51,7 @@ def shared_files(train: list[Path], val: list[Path]) -> list[tuple[Path, Path, s
         st = path.stat()
         same = by_inode.get((st.st_dev, st.st_ino))
         if same is not None:
-            found.append((path, same, "same file"))
+            found.append((path, same, "the same file"))
             continue
         digest = sha1(path) if st.st_size in by_size else ""
         copy = next((p for p in by_size.get(st.st_size, []) if sha1(p) == digest), None)
@@ -69,7 +69,8 @@ def shared_images(train: "CocoDetection", val: "CocoDetection") -> Optional[str]
     found = shared_files(files(train), val_files)
     if not found:
         return None
-    examples = "; ".join(f"{v} is {t} ({how})" for v, t, how in found[:EXAMPLES])
-    return (f"{len(found)} of the {count(len(val_files), 'validation image')} are also training images (e.g. "
+    examples = "; ".join(f"{v} ({how})" if v == t else f"{v} is {t} ({how})" for v, t, how in found[:EXAMPLES])
+    verb = "is a training image" if len(found) == 1 else "are also training images"
+    return (f"{len(found)} of the {count(len(val_files), 'validation image')} {verb} (e.g. "
             f"{examples}): the validation AP on them measures what the model memorised, not how it generalises. "
             f"Hold them out of the training split")
