@@ -135,10 +135,12 @@ def _rle_crowd(ann_id: int, image_id: int, category_id: int = 1) -> dict:
 
 def test_a_crowd_only_training_split_names_iscrowd_and_an_annotation(tmp_path):
     ann = _write_coco(tmp_path / "train", [_rle_crowd(10 + i, i) for i in range(1, 5)], images=4)
-    dataset = CocoDetection(tmp_path / "train", ann, with_masks=True, filter_empty=True)
-    with pytest.raises(DatasetError, match=r"4 images\) .*all its 4 annotations are crowd regions \(field 'iscrowd' "
-                                           r"= 1, e\.g\. annotation id 11\)"):
-        dataset.check_trainable()
+    for filter_empty in (True, False):
+        with pytest.warns(UserWarning, match=r"\(class1\) has only crowd / ignore annotations"):
+            dataset = CocoDetection(tmp_path / "train", ann, with_masks=True, filter_empty=filter_empty)
+        with pytest.raises(DatasetError, match=r"4 images\) .*all its 4 annotations are crowd regions \(field "
+                                               r"'iscrowd' = 1, e\.g\. annotation id 11\)"):
+            dataset.check_trainable()
 
 
 def test_a_class_with_only_crowd_annotations_is_named_and_crowds_counted_apart(tmp_path):

@@ -102,10 +102,11 @@ class CocoDetection(torch.utils.data.Dataset):
         """Raise unless some image has an object to train on, saying why none has.
 
         Raises:
-            DatasetError: no image is left; the message names the cause when every annotation is a crowd
-                region (``iscrowd=1``, as CVAT's COCO export writes brush-drawn masks) or there is none.
+            DatasetError: no object is left (also with ``filter_empty`` off, which would train on empty images
+                only); the message names the cause when every annotation is a crowd region (``iscrowd=1``, as
+                CVAT's COCO export writes brush-drawn masks).
         """
-        if len(self):
+        if len(self._boxes):
             return
         anns = self._dataset["annotations"]
         where = f"the training set {self.ann_file} ({len(self._images)} images)"
@@ -116,7 +117,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"leaves out and evaluation ignores. CVAT's COCO export marks brush-drawn masks (RLE) iscrowd=1: "
                 f"set iscrowd=0 on the objects meant to be learnt"
             )
-        raise DatasetError(f"{where} has no image with an object to train on ({len(anns)} usable annotations)")
+        raise DatasetError(f"{where} has no object to train on ({len(anns)} usable annotations)")
 
     @property
     def coco(self) -> COCO:
