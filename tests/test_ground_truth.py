@@ -117,7 +117,7 @@ def test_more_objects_than_the_limit_are_reported_and_the_limit_printed(tmp_path
     caught: list[str] = []
     capped, _ = oracle_eval(_cfg(tmp_path, tmp_path / "val", ann), caught=caught)
     assert capped.metrics["bbox/AP"] < 70.0 and "maxDets=100" in capped.summary["bbox"]
-    assert any("1 of the 1 evaluated images hold more than 100 objects (image id 1: 150)" in m for m in caught)
+    assert any("1 of the 1 evaluated images holds more than 100 objects (image id 1: 150)" in m for m in caught)
     full, _ = oracle_eval(_cfg(tmp_path, tmp_path / "val", ann, "model.detections_per_img=150"))
     assert full.metrics["bbox/AP"] == pytest.approx(100.0) and "maxDets=150" in full.summary["bbox"]
 

@@ -250,7 +250,8 @@ def warn_dense_images(coco_gt: COCO, image_ids: Sequence[int], limit: int) -> No
     dense = [(n, i) for n, i in counts if n > limit]
     if dense:
         n, image_id = max(dense)
-        warnings.warn(f"{len(dense)} of the {len(counts)} evaluated images hold more than {limit} objects (image id "
+        verb = "holds" if len(dense) == 1 else "hold"
+        warnings.warn(f"{len(dense)} of the {len(counts)} evaluated images {verb} more than {limit} objects (image id "
                       f"{image_id}: {n}), but the detector keeps and the evaluation scores at most {limit} detections "
                       f"per image (model.detections_per_img): raise model.detections_per_img above {n}", stacklevel=3)
 
