@@ -127,7 +127,7 @@ class PeriodicEval(Hook):
                 self.log.eval(done, "val_teacher", teacher.metrics)
                 teacher_ap = teacher.metrics[teacher.headline]
                 verdict = "above the student: it has something to teach" if teacher_ahead(student_ap, teacher_ap) else \
-                    "not above the student: distilling it cannot lift the student"
+                    "not above the student: a warning, not proof that distilling cannot help"
                 line += f"; teacher diagnostic {teacher_ap:.2f} % ({verdict})"
             say(line)
         return result

@@ -97,6 +97,8 @@ def _split_lines(cfg: Config, split: str, dataset: CocoDetection) -> list[tuple[
     stats = dataset_stats(dataset)
     counts = ", ".join(errors.count(n, noun) for n, noun in
                        ((stats.images, "image"), (stats.objects, "object"), (len(stats.per_class), "class")))
+    if stats.ignored:
+        counts += f" (+{errors.count(stats.ignored, 'crowd / ignore region')}, iscrowd=1: not trained on, not scored)"
     if len(dataset) < stats.images:
         counts += f"; {len(dataset)} images with objects are trained on (data.filter_empty)"
     return [(split, source), ("", counts)]

@@ -5,6 +5,7 @@ on val, the curves and ``eval_val.txt``.
 from __future__ import annotations
 
 import functools
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -20,6 +21,7 @@ from lgd.checkpoint import (CHECKPOINT, Checkpointer, check_free_space, checkpoi
 from lgd.config import Config, save_config
 from lgd.data import CocoDetection, build_train_loader
 from lgd.data.loader import stop_workers
+from lgd.data.overlap import shared_images
 from lgd.distributed import Context
 from lgd.errors import ConfigError
 from lgd.evaluation import EvalResult, check_categories, dataset_categories
@@ -134,7 +136,13 @@ def _prepare(cfg: Config, ctx: Context, out: Path, resume: bool,
     seed_everything(cfg.seed)
     # Rank 0 generates the built-in dataset (if used) before the others look for it.
     distributed.share_from_main(ctx, lambda: [split_paths(cfg, s, progress) for s in ("train", "val")])
-    return build_dataset(cfg, "train", train=True), build_dataset(cfg, "val", train=False)
+    train_set = build_dataset(cfg, "train", train=True)
+    train_set.check_trainable()
+    val_set = build_dataset(cfg, "val", train=False)
+    shared = shared_images(train_set, val_set) if ctx.is_main else None
+    if shared:
+        warnings.warn(shared, stacklevel=2)
+    return train_set, val_set
 
 
 def _resume(cfg: Config, ctx: Context, out: Path, model: Trainable, optimization: Optimization) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import contextlib
 import io
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -16,14 +15,13 @@ import torch
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
+from lgd.data.ground_truth import MIN_BOX_SIZE, renumber, validate_annotations, warn_counted, warn_crowd_only_classes
 from lgd.data.image_io import describe, read_image, stored_size_note
 from lgd.data.text_io import read_json
 from lgd.errors import DatasetError
 
 Index = Union[int, tuple[int, int]]
-# Boxes narrower or lower than this (pixels) count as zero-size: in float32 a flip (W - x) or a resize can
-# collapse them to x2 == x1, which torchvision's detectors refuse in training.
-MIN_BOX_SIZE = 0.01
+__all__ = ["MIN_BOX_SIZE", "CocoDetection", "load_instances"]
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -32,9 +30,11 @@ class CocoDetection(torch.utils.data.Dataset):
     Sample ``i`` is ``(image, target)``: ``image`` a float32 ``tv_tensors.Image`` (3, H, W)
     in [0, 1]; ``target`` a dict with "boxes" (N, 4) XYXY ``tv_tensors.BoundingBoxes``,
     "labels" (N,) int64 in ``label_offset .. label_offset + K - 1``, "image_id" (int) and,
-    with ``with_masks``, "masks" (N, H, W) uint8 ``tv_tensors.Mask``. Crowd annotations and
-    boxes with no area inside the image are left out of targets; ``self.coco`` still holds
-    the whole file for evaluation. Images are read by :func:`lgd.data.image_io.read_image`
+    with ``with_masks``, "masks" (N, H, W) uint8 ``tv_tensors.Mask``. The annotations are the
+    validated ground truth of :func:`lgd.data.ground_truth.validate_annotations` (unusable boxes
+    and exact duplicates dropped, boxes clipped to their image), numbered 1..N (see
+    :meth:`source_annotation_id`); ``self.coco`` indexes them for evaluation, crowd regions
+    included, which targets leave out. Images are read by :func:`lgd.data.image_io.read_image`
     (EXIF orientation applied, high bit depths scaled by their range).
 
     Every image the split uses must exist when the dataset is built, so a wrong ``root`` fails
@@ -63,10 +63,13 @@ class CocoDetection(torch.utils.data.Dataset):
         self.label_offset = label_offset
         self.with_masks = with_masks
 
-        self._dataset = _load_json(self.ann_file)
-        images, categories = _validate(self._dataset, self.ann_file)
+        raw = _load_json(self.ann_file)
+        images, categories = _validate(raw, self.ann_file)
+        self._dataset = {**raw, "annotations": validate_annotations(raw["annotations"], images, self.ann_file)}
         if with_masks:
             self._ignore_unusable_segmentations(images)
+        warn_crowd_only_classes(self._dataset["annotations"], categories, self.ann_file)
+        self._source_ids = renumber(self._dataset["annotations"])
         self.cat_ids: list[int] = sorted(categories)
         self.class_names: list[str] = [categories[c] for c in self.cat_ids]
         self._cat_to_index = {c: i for i, c in enumerate(self.cat_ids)}
@@ -85,9 +88,40 @@ class CocoDetection(torch.utils.data.Dataset):
         """K, the number of foreground classes."""
         return len(self.cat_ids)
 
+    def source_annotation_id(self, ann_id: int) -> int:
+        """The id an annotation has in the file, of its id ``ann_id`` (1..N) in ``self.coco``.
+
+        Raises:
+            ValueError: ``ann_id`` is not an annotation id of ``self.coco``.
+        """
+        if not 1 <= int(ann_id) <= len(self._source_ids):
+            raise ValueError(f"annotation id {ann_id} is outside 1..{len(self._source_ids)}")
+        return int(self._source_ids[int(ann_id) - 1])
+
+    def check_trainable(self) -> None:
+        """Raise unless some image has an object to train on, saying why none has.
+
+        Raises:
+            DatasetError: no object is left (also with ``filter_empty`` off, which would train on empty images
+                only); the message names the cause when every annotation is a crowd region (``iscrowd=1``, as
+                CVAT's COCO export writes brush-drawn masks).
+        """
+        if len(self._boxes):
+            return
+        anns = self._dataset["annotations"]
+        where = f"the training set {self.ann_file} ({len(self._images)} images)"
+        if anns and all(a["iscrowd"] for a in anns):
+            raise DatasetError(
+                f"{where} has no object to train on: all its {len(anns)} annotations are crowd regions (field "
+                f"'iscrowd' = 1, e.g. annotation id {self.source_annotation_id(anns[0]['id'])}), which training "
+                f"leaves out and evaluation ignores. CVAT's COCO export marks brush-drawn masks (RLE) iscrowd=1: "
+                f"set iscrowd=0 on the objects meant to be learnt"
+            )
+        raise DatasetError(f"{where} has no object to train on ({len(anns)} usable annotations)")
+
     @property
     def coco(self) -> COCO:
-        """pycocotools index over the whole validated file (crowds included), built on first use."""
+        """pycocotools index over the validated ground truth (crowds included), built on first use."""
         if self._coco is None:
             coco = COCO()
             coco.dataset = self._dataset
@@ -106,7 +140,7 @@ class CocoDetection(torch.utils.data.Dataset):
         """The objects training uses, as loaded: ``boxes`` (M, 4) float32 XYXY pixels clipped to their image,
         ``classes`` (M,) int64 class indices (into ``class_names``) and ``per_image`` (images,) int64 counts in
         file order, every image record included (also those ``filter_empty`` drops). Crowd annotations and the
-        ones skipped at load (zero-size, outside the image) are not in them."""
+        ones dropped at load (zero-size, outside the image, duplicates) are not in them."""
         return self._boxes, self._labels, np.diff(self._starts).astype(np.int64)
 
     def label_to_category_id(self, label: int) -> int:
@@ -190,7 +224,10 @@ class CocoDetection(torch.utils.data.Dataset):
             f"{self.root / first['file_name']} does not exist)"
         )
         better = _working_root(self.root, [info["file_name"] for info in infos])
-        if better is not None:
+        if "\\" in first["file_name"] and os.sep != "\\":
+            message += ("; its separators look like Windows paths ('\\'): write the 'file_name' fields with '/', "
+                        "which every system reads")
+        elif better is not None:
             message += f"; all of them are under {better}: use that as the image root (data.<split>.root)"
         elif not self.root.is_dir():
             message += f"; the image root {self.root} is not a folder"
@@ -215,49 +252,30 @@ class CocoDetection(torch.utils.data.Dataset):
                 ann.update(iscrowd=1, segmentation=[[x, y, x + w, y, x + w, y + h, x, y + h]])
             else:
                 ann["segmentation"] = segm
-        self._warn_once(np.array(shortened), "ignored polygons with fewer than 3 points in {n} annotations")
-        self._warn_once(
+        warn_counted(np.array(shortened), "ignored polygons with fewer than 3 points in {n} annotations",
+                     self.ann_file)
+        warn_counted(
             np.array(emptied),
             "made {n} annotations whose segmentation gives no mask (empty, or no polygon of 3+ points) ignore "
             "regions (iscrowd=1): Mask R-CNN does not train on them and evaluation does not count them",
+            self.ann_file,
         )
 
     def _collect_targets(self) -> None:
         """Build the training targets of every image, as flat arrays sliced per image.
 
-        ``_boxes`` (M, 4) float32 XYXY clipped to the image, ``_labels`` (M,) int64 class
-        indices and, with masks, ``_segments`` (M segmentations), grouped by image in file
-        order; image ``p`` owns rows ``_starts[p]:_starts[p + 1]``. Boxes left with no area
-        are dropped, and each kind of fix is reported once with a count and an example id.
+        ``_boxes`` (M, 4) float32 XYXY, ``_labels`` (M,) int64 class indices and, with masks, ``_segments``
+        (M segmentations), from the validated non-crowd annotations grouped by image in file order; image ``p``
+        owns rows ``_starts[p]:_starts[p + 1]``.
         """
         anns = [a for a in self._dataset["annotations"] if not a["iscrowd"]]
         positions = np.array([self._image_pos[a["image_id"]] for a in anns], dtype=np.int64)
-        sizes = np.array([[info["width"], info["height"]] for info in self._images.values()], dtype=np.float64)
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        clipped = np.clip(xyxy, 0, np.tile(sizes.reshape(-1, 2)[positions], 2))  # reshape: no images gives (0,)
-        positive = (xywh[:, 2] >= MIN_BOX_SIZE) & (xywh[:, 3] >= MIN_BOX_SIZE)
-        keep = (clipped[:, 2] - clipped[:, 0] >= MIN_BOX_SIZE) & (clipped[:, 3] - clipped[:, 1] >= MIN_BOX_SIZE)
-        ann_ids = np.array([a["id"] for a in anns], dtype=np.int64)
-        self._warn_once(ann_ids[~positive], "skipped {n} annotations with zero-size boxes")
-        self._warn_once(ann_ids[positive & ~keep], "skipped {n} annotations with boxes entirely outside their image")
-        was_clipped = keep & np.any(clipped != xyxy, axis=1)
-        self._warn_once(ann_ids[was_clipped], "clipped {n} boxes that extend outside their image")
-
-        kept = np.flatnonzero(keep)
-        order = kept[np.argsort(positions[kept], kind="stable")]
-        self._boxes = clipped[order].astype(np.float32)
-        self._labels = np.array(
-            [self._cat_to_index[anns[i]["category_id"]] for i in order], dtype=np.int64
-        ).reshape(-1)
-        self._starts = np.concatenate([[0], np.cumsum(np.bincount(positions[order], minlength=len(sizes)))])
+        order = np.argsort(positions, kind="stable")
+        self._boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)[order].astype(np.float32)
+        self._labels = np.array([self._cat_to_index[anns[i]["category_id"]] for i in order], dtype=np.int64).reshape(-1)
+        self._starts = np.concatenate([[0], np.cumsum(np.bincount(positions[order], minlength=len(self._images)))])
         self._segments = [anns[i]["segmentation"] for i in order] if self.with_masks else []
-
-    def _warn_once(self, ann_ids: np.ndarray, text: str) -> None:
-        if len(ann_ids):
-            warnings.warn(
-                f"{text.format(n=len(ann_ids))} in {self.ann_file} (e.g. annotation id {ann_ids[0]})", stacklevel=4
-            )
 
 
 def _load_json(path: Path) -> dict[str, Any]:

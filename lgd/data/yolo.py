@@ -22,7 +22,8 @@ def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, flo
     """(class, cx, cy, w, h) per non-blank line.
 
     Raises:
-        DatasetError: naming file and line, for a line without exactly 5 fields, a field that is not a
+        DatasetError: naming file and line, for a line without exactly 5 fields (6 is taken for a predictions
+            file's confidence column, more for segmentation polygons), a field that is not a
             number, a class id outside 0..num_classes-1, or a coordinate outside [0, 1].
     """
     rows = []
@@ -32,7 +33,12 @@ def parse_label_file(path: Path, num_classes: int) -> list[tuple[int, float, flo
             continue
         where = f"{path}, line {n}"
         if len(fields) != 5:
-            hint = " (segmentation polygons are not supported)" if len(fields) > 5 else ""
+            hint = ""
+            if len(fields) == 6:
+                hint = (" (it looks like a predictions file with a confidence column, as 'save_conf' writes: "
+                        "labels have no confidence)")
+            elif len(fields) > 6:
+                hint = " (segmentation polygons are not supported)"
             raise DatasetError(f"{where}: expected 5 fields 'class cx cy w h', found {len(fields)}{hint}")
         try:
             cls_value, *coords = (float(v) for v in fields)

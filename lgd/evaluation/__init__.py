@@ -8,8 +8,8 @@ from pathlib import Path
 from pycocotools.coco import COCO
 
 from lgd.evaluation.categories import Categories, check_categories, dataset_categories, read_categories
-from lgd.evaluation.coco import (EvalResult, detections_to_coco, evaluate_coco, format_percent, save_results,
-                                 teacher_ahead)
+from lgd.evaluation.coco import (DEFAULT_MAX_DETS, EvalResult, detections_to_coco, evaluate_coco, format_percent,
+                                 save_results, teacher_ahead, warn_dense_images)
 from lgd.evaluation.crowdhuman import evaluate_crowdhuman
 from lgd.evaluation.voc import evaluate_voc
 
@@ -32,10 +32,12 @@ def evaluate_detections(
     class_names: Sequence[str] | None = None,
     cat_ids: Sequence[int] | None = None,
     image_ids: Sequence[int] | None = None,
+    max_dets: int = DEFAULT_MAX_DETS,
 ) -> EvalResult:
-    """Score COCO result records with ``metric`` (one of ``METRICS``); VOC and CrowdHuman score boxes only."""
+    """Score COCO result records with ``metric`` (one of ``METRICS``); VOC and CrowdHuman score boxes only, every
+    detection given; COCO scores at most ``max_dets`` per image and category (see ``evaluate_coco``)."""
     if metric == "coco":
-        return evaluate_coco(coco_gt, results, iou_types, class_names, cat_ids, image_ids)
+        return evaluate_coco(coco_gt, results, iou_types, class_names, cat_ids, image_ids, max_dets)
     if metric in ("voc", "voc07"):
         return evaluate_voc(coco_gt, results, class_names, cat_ids, image_ids, use_07_metric=metric == "voc07")
     if metric == "crowdhuman":
@@ -46,5 +48,5 @@ def evaluate_detections(
 __all__ = [
     "METRICS", "Categories", "EvalResult", "auto_metric", "check_categories", "dataset_categories",
     "detections_to_coco", "evaluate_coco", "evaluate_crowdhuman", "evaluate_detections", "evaluate_voc",
-    "format_percent", "read_categories", "save_results", "teacher_ahead",
+    "format_percent", "read_categories", "save_results", "teacher_ahead", "warn_dense_images",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from lgd.files import to_json
 IOU_TYPES = ("bbox", "segm")
 # Names of the first six entries of COCOeval.stats, in order.
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# COCO's per-image detection limit (COCOeval's last maxDets), the default of model.detections_per_img.
+DEFAULT_MAX_DETS = 100
 
 
 def detections_to_coco(
@@ -144,6 +147,7 @@ def evaluate_coco(
     class_names: Sequence[str] | None = None,
     cat_ids: Sequence[int] | None = None,
     image_ids: Sequence[int] | None = None,
+    max_dets: int = DEFAULT_MAX_DETS,
 ) -> EvalResult:
     """Run COCOeval for each iou type and collect the numbers.
 
@@ -156,6 +160,10 @@ def evaluate_coco(
             order of `cat_ids` (default: the dataset's category names).
         cat_ids: categories to evaluate (default: all of coco_gt, sorted).
         image_ids: images to evaluate (default: all of coco_gt).
+        max_dets: detections scored per image and category, the highest-scoring first (COCOeval's
+            ``maxDets``; AP, the per-class AP and the last AR are at this limit, the other ARs at 1 and 10).
+            COCO's convention is 100; lgd passes ``model.detections_per_img``, so dense images are not
+            capped below what the detector may output.
 
     Raises:
         DatasetError: a record names an image absent from coco_gt, or class_names and the
@@ -167,6 +175,8 @@ def evaluate_coco(
     cat_ids = list(cat_ids) if cat_ids is not None else sorted(coco_gt.getCatIds())
     if class_names is None:
         class_names = [coco_gt.cats[c]["name"] for c in cat_ids]
+    if max_dets < 1:
+        raise ValueError(f"max_dets must be positive, got {max_dets}")
     if len(class_names) != len(cat_ids):
         raise DatasetError(
             f"{len(class_names)} class names given for {len(cat_ids)} categories {cat_ids}"
@@ -191,25 +201,59 @@ def evaluate_coco(
             coco_dt = coco_gt.loadRes(records) if records else _empty_results(coco_gt)
             evaluator = COCOeval(coco_gt, coco_dt, iou_type)
             evaluator.params.catIds = cat_ids
+            evaluator.params.maxDets = [min(1, max_dets), min(10, max_dets), max_dets]
             if image_ids is not None:
                 evaluator.params.imgIds = list(image_ids)
             evaluator.evaluate()
             evaluator.accumulate()
-        out.summary[iou_type] = _summary_in_percent(evaluator)
-        for name, value in zip(AP_NAMES, evaluator.stats):
-            out.metrics[f"{iou_type}/{name}"] = _to_percent(float(value))
+        stats = summary_stats(evaluator)
+        out.summary[iou_type] = "\n".join(f"{label} = {format_percent(_to_percent(value))}" for label, value in stats)
+        for name, (_, value) in zip(AP_NAMES, stats):
+            out.metrics[f"{iou_type}/{name}"] = _to_percent(value)
         out.per_class[iou_type] = dict(zip(class_names, _per_class_ap(evaluator)))
     return out
 
 
-def _summary_in_percent(evaluator: COCOeval) -> str:
-    """pycocotools' 12 summary lines, with its own labels, but each number in percent (as every AP lgd prints)
-    and "n/a" where it reports -1; its 0-1 print is captured so that no second scale reaches the output."""
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        evaluator.summarize()
-    labels = [line.rsplit(" = ", 1)[0] for line in printed.getvalue().splitlines() if " = " in line]
-    return "\n".join(f"{label} = {format_percent(_to_percent(float(v)))}" for label, v in zip(labels, evaluator.stats))
+def summary_stats(evaluator: COCOeval) -> list[tuple[str, float]]:
+    """COCOeval's 12 summary numbers (0-1, -1 where there is nothing to score), each with pycocotools' label, at
+    the evaluator's own ``params.maxDets``.
+
+    ``COCOeval.summarize`` reads the limits 1, 10 and 100 by position and prints 100 whatever was evaluated, so the
+    numbers are taken from ``evaluator.eval`` here, by the same averaging (its ``_summarize``): precision over IoU
+    thresholds, recall points and categories; recall over IoU thresholds and categories; entries of -1 left out.
+    """
+    p = evaluator.params
+    precision, recall = evaluator.eval["precision"], evaluator.eval["recall"]
+    area = {name: i for i, name in enumerate(p.areaRngLbl)}
+    last = len(p.maxDets) - 1
+    rows = [("Precision", None, "all", last), ("Precision", 0.5, "all", last), ("Precision", 0.75, "all", last),
+            ("Precision", None, "small", last), ("Precision", None, "medium", last), ("Precision", None, "large", last),
+            ("Recall", None, "all", 0), ("Recall", None, "all", 1), ("Recall", None, "all", last),
+            ("Recall", None, "small", last), ("Recall", None, "medium", last), ("Recall", None, "large", last)]
+    out = []
+    for kind, iou, area_name, m in rows:
+        values = precision[..., area[area_name], m] if kind == "Precision" else recall[..., area[area_name], m]
+        if iou is not None:
+            values = values[np.flatnonzero(np.isclose(p.iouThrs, iou))]
+        valid = values[values > -1]
+        iou_text = f"{iou:0.2f}" if iou is not None else f"{p.iouThrs[0]:0.2f}:{p.iouThrs[-1]:0.2f}"
+        label = (f" {'Average ' + kind:<18} {'(AP)' if kind == 'Precision' else '(AR)'} @[ IoU={iou_text:<9} | "
+                 f"area={area_name:>6s} | maxDets={p.maxDets[m]:>3d} ]")
+        out.append((label, float(valid.mean()) if valid.size else -1.0))
+    return out
+
+
+def warn_dense_images(coco_gt: COCO, image_ids: Sequence[int], limit: int) -> None:
+    """One warning when some of ``image_ids`` hold more objects (crowd regions aside) than ``limit``, the
+    detections a detector keeps per image (``model.detections_per_img``): those objects cannot all be found."""
+    counts = [(sum(1 for a in coco_gt.imgToAnns.get(i, []) if not a.get("iscrowd", 0)), i) for i in image_ids]
+    dense = [(n, i) for n, i in counts if n > limit]
+    if dense:
+        n, image_id = max(dense)
+        verb = "holds" if len(dense) == 1 else "hold"
+        warnings.warn(f"{len(dense)} of the {len(counts)} evaluated images {verb} more than {limit} objects (image id "
+                      f"{image_id}: {n}), but the detector keeps and the evaluation scores at most {limit} detections "
+                      f"per image (model.detections_per_img): raise model.detections_per_img above {n}", stacklevel=3)
 
 
 def format_percent(value: float) -> str:
@@ -240,7 +284,7 @@ def _to_percent(value: float) -> float:
 
 
 def _per_class_ap(evaluator: COCOeval) -> list[float]:
-    """AP over IoU 0.50:0.95, all areas, 100 detections, per category of params.catIds."""
+    """AP over IoU 0.50:0.95, all areas, the last maxDets, per category of params.catIds."""
     # precision: (iou thresholds, recall points, categories, area ranges, max dets).
     precision = evaluator.eval["precision"][:, :, :, 0, -1]
     valid = precision > -1

@@ -15,7 +15,8 @@ from lgd.config import Config
 from lgd.data import CocoDetection, build_eval_loader
 from lgd.detectors import set_test_size
 from lgd.distributed import Context
-from lgd.evaluation import EvalResult, auto_metric, detections_to_coco, evaluate_detections, save_results
+from lgd.evaluation import (EvalResult, auto_metric, detections_to_coco, evaluate_detections, save_results,
+                            warn_dense_images)
 from lgd.trainable import Trainable
 
 
@@ -40,7 +41,9 @@ def evaluate(
 ) -> Optional[EvalResult]:
     """AP of the student (or, with ``teacher``, of the head on the teacher's features: a diagnostic).
 
-    The metric is ``split_metric(cfg, split)``: COCO AP, VOC AP50 or CrowdHuman AP50 / MR^-2.
+    The metric is ``split_metric(cfg, split)``: COCO AP, VOC AP50 or CrowdHuman AP50 / MR^-2, against the
+    dataset's validated ground truth (``dataset.coco``); COCO scores up to ``model.detections_per_img`` detections
+    per image, and a warning names images with more objects than that.
 
     With a distributed ``ctx`` every rank runs its share of the images and rank 0 gathers the detections,
     scores them and writes ``out_file``; the other ranks return ``None``. Raises LGDError for the teacher
@@ -70,6 +73,7 @@ def evaluate(
     results = detections_to_coco(outputs, ids, dataset.label_to_category_id, with_masks=with_masks)
     if out_file is not None:
         save_results(results, out_file)
+    warn_dense_images(dataset.coco, dataset.ids, cfg.model.detections_per_img)
     return evaluate_detections(
         split_metric(cfg, split),
         dataset.coco,
@@ -78,4 +82,5 @@ def evaluate(
         class_names=dataset.class_names,
         cat_ids=dataset.cat_ids,
         image_ids=dataset.ids,
+        max_dets=cfg.model.detections_per_img,
     )
