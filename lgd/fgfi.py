@@ -126,20 +126,21 @@ class ImitationAdapter(nn.Module):
     """FGFI's adapter on the student's features, shared by all FPN levels: conv3x3 + ReLU (the official code's),
     then a 1x1 projection where the teacher's FPN is wider or narrower: (B, C_s, H, W) -> (B, C_t, H, W).
 
-    Weights are drawn from N(0, ``std``) truncated at 2 ``std`` (the official code's ``normal_init(..., 0.0001,
-    truncated=True)``), biases are 0.
+    The 3x3 convolution's weights are drawn from N(0, ``std``) truncated at 2 ``std`` (the official code's
+    ``normal_init(stu_feature_adap[0], 0, 0.0001, truncated=True)``), its bias is 0. The projection keeps PyTorch's
+    default initialisation: two small-std layers in series would each get a gradient scaled by the other's tiny
+    weights, and the adapter would barely learn.
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, std: float) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(student_channels, student_channels, 3, padding=1), nn.ReLU()]
+        conv = nn.Conv2d(student_channels, student_channels, 3, padding=1)
+        nn.init.trunc_normal_(conv.weight, std=std, a=-2 * std, b=2 * std)
+        nn.init.zeros_(conv.bias)
+        layers: list[nn.Module] = [conv, nn.ReLU()]
         if teacher_channels != student_channels:
             layers.append(nn.Conv2d(student_channels, teacher_channels, 1))
         self.layers = nn.Sequential(*layers)
-        for m in self.layers:
-            if isinstance(m, nn.Conv2d):
-                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)

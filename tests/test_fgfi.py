@@ -19,7 +19,7 @@ from lgd.config import FGFIConfig, ModelConfig, SolverConfig, load_config, save_
 from lgd.errors import ConfigError, LGDError
 from lgd.export import export_student
 from lgd.feature_maps import DPI, PANEL_INCHES, fgfi_mask_maps
-from lgd.fgfi import FGFI, imitation_loss, imitation_masks, load_teacher
+from lgd.fgfi import FGFI, ImitationAdapter, imitation_loss, imitation_masks, load_teacher
 from lgd.solver import Optimization, build_optimization
 from lgd.training import train
 
@@ -237,3 +237,11 @@ def test_the_benchmark_counts_the_teacher_in_fgfi_extra_cost():
     assert summary["lgd_over_fgfi_extra_cost"] == pytest.approx(50 / 330)
     assert summary["baseline"]["AP"]["mean"] == 11 and summary["fgfi"]["AP"]["std"] == 0
     assert "| FGFI | 12.00 ± 0.00 | 140 | 330.00 |" in accuracy.methods_table("t", summary)
+
+
+def test_only_the_adapter_conv_is_small_so_a_projected_adapter_still_learns():
+    std = 1e-4
+    projected = ImitationAdapter(32, 64, std)
+    conv, projection = projected.layers[0], projected.layers[-1]
+    assert conv.weight.abs().max() <= 2 * std and not conv.bias.any()
+    assert projection.weight.std() > 100 * std  # PyTorch's default, not the official small init
