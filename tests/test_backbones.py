@@ -1,4 +1,6 @@
 """Backbones by name: the registry, DCN v2 at initialisation, Swin-T's FPN, and the depth/backbone keys (CPU)."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -113,3 +115,37 @@ def test_depth_and_backbone_must_agree():
     with torch.device("meta"):  # model.depth alone keeps naming resnet<depth>
         body = build_backbone(ModelConfig(depth=34), one_stage=True).body
     assert type(body.layer1[0]).__name__ == "BasicBlock" and len(body.layer3) == 6
+
+
+@pytest.mark.parametrize("overrides", [
+    # Swin-T Mask R-CNN as the reference trains it: AdamW student, SGD teacher, mask-guided
+    ("model.arch=maskrcnn", "model.backbone=swin_t", "solver.optimizer=adamw", "solver.base_lr=0.0001",
+     "solver.weight_decay=0.05", "lgd.mask_guided=true", "model.mask_head_channels=16", "model.rpn_proposals_train=50",
+     "model.rpn_proposals_test=50", "model.roi_batch_size=32"),
+    # a grouped (ResNeXt) bottleneck with DCN v2 (in res5 only: deform_conv2d is slow on CPU), under FCOS, whose
+    # GroupNorm(32) needs FPN width 64 on a 64 px image's 1x1 P7
+    ("model.arch=fcos", "model.backbone=resnext50_32x4d", "model.deform_stages=[false,false,false,true]",
+     "model.fpn_channels=64"),
+], ids=["swin_t-maskrcnn", "resnext-dcn-fcos"])
+def test_each_new_backbone_family_trains_with_lgd_evaluates_and_exports(tiny_config, overrides, capsys):
+    from lgd.cli import main
+    from lgd.config import save_config
+    from lgd.errors import LGDError
+    from lgd.export import export_onnx, load_student
+    from lgd.training import train
+
+    cfg = tiny_config("model.depth=null", "solver.max_iter=2", "checkpoint_period=2", "lgd.freeze_backbone_iters=1",
+                      "lgd.eval_teacher=false", *overrides)
+    out = train(cfg, progress=False)
+    assert 0 <= out["metrics"]["bbox/AP"] <= 100
+    run = Path(cfg.output_dir)
+    save_config(cfg, run / "cfg.yaml")
+    assert main(["export", "-c", str(run / "cfg.yaml")]) == 0
+    student, meta = load_student(run / "student.pth")
+    with torch.no_grad():
+        detections = student([torch.rand(3, 64, 64)])[0]
+    assert set(detections) >= {"boxes", "scores", "labels"}
+    if any(cfg.model.deform_stages):
+        with pytest.raises(LGDError, match="ONNX export cannot express this student's deformable convolutions"):
+            export_onnx(student, cfg.model, ["a"], [1], 0, [torch.rand(3, 64, 64)], run / "s.onnx")
+        assert not (run / "s.onnx").exists()
