@@ -2,8 +2,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from lgd.config import load_config
+from lgd.summary import parameter_counts
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -66,3 +68,31 @@ def test_coco_recipe_matches_the_reference(name):
     assert (s.clip_type, s.clip_value) == ("value", 1.0)  # detectron2's CLIP_GRADIENTS defaults
     assert (g.class_format, g.attention, g.distill_weight, g.eval_teacher) == ("one_hot", "student_guided", 1.0, True)
     assert cfg.data.batch_size == 16 and m.fpn_channels == 256
+
+
+# `lgd summary -c RECIPE --num-classes 80`: (student = deployed, teacher) parameters; the adapter is 1,770,240 in all
+COUNTS = {
+    "coco_retinanet_r50_2x_lgd.yaml": (33_786_804, 8_304_336),
+    "coco_retinanet_r50_2x_ms_lgd.yaml": (33_786_804, 8_304_336),
+    "coco_retinanet_r101_2x_ms_lgd.yaml": (52_726_708, 8_304_336),
+    "coco_retinanet_r101dcn_2x_ms_lgd.yaml": (54_655_966, 8_304_336),
+    "coco_retinanet_x101dcn_2x_ms_lgd.yaml": (104_585_950, 8_304_336),
+    "coco_retinanet_swint_3x_ms_lgd.yaml": (37_278_958, 8_304_336),
+    "coco_fcos_r50_2x_ms_lgd.yaml": (32_244_245, 8_238_544),  # no context box: no context Linear
+    "coco_fcos_r101_2x_ms_lgd.yaml": (51_184_149, 8_304_336),
+    "coco_fcos_r101dcn_2x_ms_lgd.yaml": (53_113_407, 8_304_336),
+    "coco_fcos_x101dcn_2x_ms_lgd.yaml": (103_043_391, 8_304_336),
+    "coco_fasterrcnn_r50_2x_ms_lgd.yaml": (41_704_036, 8_238_544),
+    "coco_fasterrcnn_r101_2x_ms_lgd.yaml": (60_643_940, 8_238_544),
+    "coco_fasterrcnn_r101dcn_2x_ms_lgd.yaml": (62_573_198, 8_238_544),
+    "coco_fasterrcnn_x101dcn_2x_ms_lgd.yaml": (112_503_182, 8_238_544),
+    "coco_maskrcnn_swint_3x_ms_lgd.yaml": (47_798_959, 10_977_497),  # mask-guided: 49 more descriptor entries
+}
+
+
+@pytest.mark.parametrize("name", sorted(COUNTS))
+def test_summary_counts_every_recipe(name):
+    with torch.device("meta"):  # counts without allocating 100 M parameters
+        report = parameter_counts(load_config(CONFIGS / name), 80)
+    assert (report["student"], report["teacher"], report["adapter"]) == (*COUNTS[name], 1_770_240)
+    assert report["deployed"] == report["student"] and report["backbone"] == REFERENCE[name][1]
