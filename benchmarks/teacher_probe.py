@@ -9,6 +9,10 @@ For each checkpoint it runs the same ``--batches`` training batches (no optimize
   log(keys) (``entropy``: 1 = uniform, the labels are mixed without regard to which object is which);
 - the **distillation loss per level**: the mean squared error between the instance-normalised adapted student
   map and the teacher map (``lgd.distiller.distillation_loss`` on one level), before ``lgd.distill_weight``;
+- the **transfer**: the same distance inside the ground-truth objects and outside them (how far the student's
+  adapted features are from the teacher's where the teacher knows something, and where it paints only the
+  background), and the detection loss of the shared head on the teacher's maps minus on the student's
+  (``head_gain``: positive = the head scores better on what the teacher gives, so it has something to pass on);
 - **gradient norms per loss group** (student detection, teacher detection, distillation, each as weighted in
   training): at the shared head's parameters, and at the student's FPN maps (what the body and FPN learn from);
 - the attention's query, key and value projections: their norms, how far training moved each from its initial
@@ -86,6 +90,10 @@ def _head(student: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.ModuleList([student.rpn, student.roi_heads])
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def _norm(grads) -> float:
     parts = [g.flatten() for g in grads if g is not None]
     return float(torch.cat(parts).norm()) if parts else 0.0
@@ -116,9 +124,12 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
     head_params = [p for p in _head(model.student).parameters() if p.requires_grad]
     levels: list[list[dict]] = []
     distill_levels: list[list[float]] = []
+    inside_levels: list[list[float]] = []
+    outside_levels: list[list[float]] = []
     grads: dict[str, dict[str, list[float]]] = {"head": {}, "fpn": {}}
     losses_seen: dict[str, list[float]] = {}
     projection_grads: dict[str, list[float]] = {}
+    losses_by_group: dict[str, list[float]] = {}
     for images, targets in batches:
         for values in captured.values():
             values.clear()
@@ -132,9 +143,15 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
                            for w in captured["attention"]])
         index = out.has_objects.nonzero().flatten()
         with torch.no_grad():
-            distill_levels.append([float(distillation_loss([model.adapter(s[index])], [t[index]]))
-                                   for s, t in zip(captured["fpn"][0], out.features)])
+            pairs = list(zip(captured["fpn"][0], out.features, out.object_pixels))
+            distill_levels.append([float(distillation_loss([model.adapter(s[index])], [t[index]])) for s, t, _ in pairs])
+            inside_levels.append([float(distillation_loss([model.adapter(s[index])], [t[index]], [m[index]]))
+                                  for s, t, m in pairs])
+            outside_levels.append([float(distillation_loss([model.adapter(s[index])], [t[index]], [~m[index]]))
+                                   for s, t, m in pairs])
         groups = loss_groups(losses)
+        for name in ("student", "teacher"):
+            losses_by_group.setdefault(name, []).append(float(groups[name].detach()))
         if attention is not None:  # only the teacher's own loss trains the attention
             (g,) = torch.autograd.grad(groups["teacher"], attention.in_proj_weight, retain_graph=True)
             for part, block in zip("qkv", g.chunk(3)):
@@ -152,6 +169,12 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
         "checkpoint": str(checkpoint), "iteration": int(ckpt["iteration"]),
         "losses": {k: mean(v) for k, v in losses_seen.items()},
         "distill_per_level": [mean(col) for col in zip(*distill_levels)],
+        "transfer": {
+            "distill_inside_per_level": [mean(col) for col in zip(*inside_levels)],
+            "distill_outside_per_level": [mean(col) for col in zip(*outside_levels)],
+            "head_gain": mean([float(groups_student - groups_teacher) for groups_student, groups_teacher in zip(
+                losses_by_group["student"], losses_by_group["teacher"])]),
+        },
         "grad_norm": {where: {k: mean(v) for k, v in per.items()} for where, per in grads.items()},
     }
     if attention is not None:
@@ -177,8 +200,9 @@ def probe(cfg, checkpoint: Path, batches: list) -> dict:
 def markdown(records: list[dict]) -> str:
     """One table row per checkpoint: attention (mean over levels), distillation loss per level, gradient norms."""
     lines = ["| iteration | own label / chance | same class / chance | entropy (0-1) | largest weight on own label "
-             "| distillation loss per level | head grad: student / teacher | FPN grad: student / teacher / distill |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| distillation loss per level | inside / outside objects (mean over levels) | head gain on teacher maps "
+             "| head grad: student / teacher | FPN grad: student / teacher / distill |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         att = r.get("attention")
         mean = (lambda k: sum(level[k] for level in att) / len(att)) if att else None
@@ -188,6 +212,8 @@ def markdown(records: list[dict]) -> str:
         head, fpn = r["grad_norm"]["head"], r["grad_norm"]["fpn"]
         lines.append(f"| {r['iteration']} | " + " | ".join(cells)
                      + f" | {' / '.join(f'{v:.3f}' for v in r['distill_per_level'])}"
+                     + f" | {_mean(r['transfer']['distill_inside_per_level']):.3f} / "
+                       f"{_mean(r['transfer']['distill_outside_per_level']):.3f} | {r['transfer']['head_gain']:+.3f}"
                      + f" | {head['student']:.3f} / {head['teacher']:.3f}"
                      + f" | {fpn['student']:.4f} / {fpn['teacher']:.4f} / {fpn['distill']:.4f} |")
     return "\n".join(lines)

@@ -21,7 +21,9 @@ from lgd.detectors.views import ARCHS
 from lgd.errors import ConfigError
 from lgd.evaluation import METRICS
 from lgd.teacher.descriptors import CLASS_FORMATS
+from lgd.teacher.label_encoder import LABEL_FUSIONS
 from lgd.teacher.relation import ATTENTION_PATTERNS
+from lgd.teacher.teacher import DISTILL_REGIONS
 
 
 def _f(default: Any, help: str) -> Any:
@@ -144,6 +146,12 @@ class LGDConfig:
     detach_appearance: Optional[bool] = _f(None, "detach student features in the appearance encoder; null = reference default (R-CNNs on, one-stage off)")
     class_format: str = _f("one_hot", "class part of the label descriptor: one_hot | norm_classes")
     attention: str = _f("student_guided", "inter-object relation pattern: student_guided | label_guided | student_fill | teacher_fill")
+    relation_residual: bool = _f(False, "departure (docs/method.md 10): add each object's own projected label embedding "
+                                        "to its attention output, a residual path around the relation adapter")
+    label_fusion: str = _f("concat", "departure (docs/method.md 10): concat (reference) | balanced: normalise the "
+                                     "label encoder's per-object and image-wide parts separately, at equal norm")
+    distill_region: str = _f("all", "departure (docs/method.md 10): all (reference: every pixel of every level) | "
+                                    "objects: the distillation loss only inside the ground-truth objects")
     mask_guided: bool = _f(False, "Mask R-CNN only: instance masks instead of boxes for inside masks, plus a 7x7 mask crop in the descriptor")
     distill_weight: float = _f(1.0, "lambda, the weight of the distillation loss")
     teacher_trains_head: bool = _f(True, "the teacher's detection loss also updates the shared head (reference); false = "
@@ -200,6 +208,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "solver.nan_policy": ("stop", "skip"),
     "lgd.class_format": CLASS_FORMATS,
     "lgd.attention": ATTENTION_PATTERNS,
+    "lgd.label_fusion": LABEL_FUSIONS,
+    "lgd.distill_region": DISTILL_REGIONS,
 }
 
 

@@ -20,6 +20,7 @@ from lgd.config import LGDConfig
 from lgd.detectors import DetectorView, Targets, view_of
 from lgd.solver import OptimizerGroup
 from lgd.teacher import ImplicitTeacher, TeacherOutput
+from lgd.teacher.teacher import DISTILL_REGIONS
 from lgd.trainable import Trainable
 
 
@@ -50,18 +51,26 @@ def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
     return (x - mean) * torch.rsqrt(var + eps)
 
 
-def distillation_loss(student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+def distillation_loss(student: list[Tensor], teacher: list[Tensor], region: list[Tensor] | None = None) -> Tensor:
     """Mean squared error between instance-normalised features over all levels concatenated.
 
     ``student`` (adapted) and ``teacher`` levels are (B, C, H_l, W_l); the teacher is detached here, so the
-    distillation loss never trains the teacher.
+    distillation loss never trains the teacher. ``region`` (the departure ``lgd.distill_region=objects``,
+    docs/method.md section 10), per level (B, 1, H_l, W_l) bool, restricts the mean to those pixels (all
+    channels); the normalisation stays over the whole map, as in the reference. No pixel in the region: 0.
     """
     squared, count = student[0].new_zeros(()), 0
-    for s, t in zip(student, teacher):
-        diff = instance_norm(s) - instance_norm(t.detach())
-        squared = squared + diff.pow(2).sum()
-        count += diff.numel()
-    return squared / max(count, 1)
+    for level, (s, t) in enumerate(zip(student, teacher)):
+        diff = (instance_norm(s) - instance_norm(t.detach())).pow(2)
+        if region is None:
+            squared, count = squared + diff.sum(), count + diff.numel()
+        else:
+            inside = region[level].to(diff.dtype)
+            squared = squared + (diff * inside).sum()
+            count = count + inside.sum() * diff.shape[1]
+    if region is None:
+        return squared / max(count, 1)
+    return squared / count.clamp(min=1)
 
 
 def _padded_masks(targets: Targets, size: tuple[int, int]) -> list[Tensor]:
@@ -110,7 +119,12 @@ class LGD(Trainable):
             attention=cfg.attention,
             detach_appearance=self.detach_appearance,
             mask_guided=cfg.mask_guided,
+            relation_residual=cfg.relation_residual,
+            label_fusion=cfg.label_fusion,
         )
+        if cfg.distill_region not in DISTILL_REGIONS:
+            raise ValueError(f"distill_region must be one of {DISTILL_REGIONS}, got {cfg.distill_region!r}")
+        self.distill_region = cfg.distill_region
         self.adapter = FeatureAdapter(self.view.channels)
         self.num_classes = num_classes
         self.distill_weight = cfg.distill_weight
@@ -184,6 +198,9 @@ class LGD(Trainable):
             teacher = self.teach(image_list.tensors.shape[-2:], features, targets)
         index = teacher.has_objects.nonzero().flatten()
         t_feats = teacher.features if len(index) == len(targets) else [t[index] for t in teacher.features]
+        region = None
+        if self.distill_region == "objects":
+            region = teacher.object_pixels if len(index) == len(targets) else [p[index] for p in teacher.object_pixels]
         with record_function("lgd.heads"):
             student_losses, teacher_losses = self.view.losses(
                 image_list, targets, features, t_feats if len(index) else None, index
@@ -191,7 +208,7 @@ class LGD(Trainable):
         losses = dict(student_losses)
         losses.update({f"teacher/{k}": v for k, v in teacher_losses.items()})
         with record_function("lgd.distill"):
-            losses["loss_distill"] = self.distill_weight * self._distill(list(features.values()), t_feats, index)
+            losses["loss_distill"] = self.distill_weight * self._distill(list(features.values()), t_feats, index, region)
         return losses
 
     def teach(self, size: torch.Size, features: "OrderedDict[str, Tensor]", targets: Targets) -> TeacherOutput:
@@ -200,7 +217,9 @@ class LGD(Trainable):
         masks = _padded_masks(targets, tuple(size)) if self.mask_guided else None
         return self.teacher(list(features.values()), [t["boxes"] for t in targets], classes, tuple(size), masks)
 
-    def _distill(self, student: list[Tensor], teacher: list[Tensor], index: Tensor) -> Tensor:
+    def _distill(
+        self, student: list[Tensor], teacher: list[Tensor], index: Tensor, region: Optional[list[Tensor]] = None
+    ) -> Tensor:
         if len(index) == 0:
             # keeps every adapter parameter in the graph (DDP) while contributing nothing
             return sum(p.sum() for p in self.adapter.parameters()) * 0.0
@@ -208,7 +227,7 @@ class LGD(Trainable):
             student = [s[index] for s in student]
         if self.student_detached:
             student = [s.detach() for s in student]
-        return distillation_loss([self.adapter(s) for s in student], teacher)
+        return distillation_loss([self.adapter(s) for s in student], teacher, region)
 
     @torch.no_grad()
     def teacher_detect(self, images: list[Tensor], targets: Targets) -> list[dict[str, Tensor]]:

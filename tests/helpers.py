@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -10,6 +11,19 @@ from lgd.detectors import VIEWS, build_detector
 from lgd.distiller import LGD
 
 ARCHS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
+
+
+def tiny_overrides(synth_root: Path, output_dir: Path) -> list[str]:
+    """Overrides for a tiny detector trained 4 iterations on the tiny dataset at ``synth_root`` (``tiny_config``)."""
+    splits = [f"data.{s}.root={synth_root / s}" for s in ("train", "val", "test")]
+    anns = [f"data.{s}.ann={synth_root / 'annotations' / f'instances_{s}.json'}" for s in ("train", "val", "test")]
+    base = [
+        f"output_dir={output_dir}", "model.depth=18", "model.fpn_channels=32", "model.norm=bn",
+        "model.min_size=[64]", "model.max_size=128", "data.batch_size=2", "data.eval_batch_size=4",
+        "data.workers=0", "solver.max_iter=4", "solver.warmup_iters=2", "solver.steps=[3]",
+        "checkpoint_period=2", "log_period=1", "lgd.pre_distill_iters=1",
+    ]
+    return base + splits + anns
 
 
 def tiny_detector(arch: str, num_classes: int = 3, channels: int = 32, size: int = 64, norm: str = "bn"):

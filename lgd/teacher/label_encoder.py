@@ -7,8 +7,13 @@ parameter count. Every LayerNorm is without affine parameters, every linear laye
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+
+LABEL_FUSIONS = ("concat", "balanced")
 
 
 def linear_block(in_dim: int, out_dim: int) -> nn.Sequential:
@@ -54,10 +59,21 @@ class LabelEncoder(nn.Module):
     Per object x (length k): x <- x . STN_k(x); h1 = ReLU(LN(Linear k->64 (x)));
     h1 <- h1 . STN_64(h1); h3 = ReLU(LN(Linear 128->1024 (ReLU(LN(Linear 64->128 (h1))))));
     g = max of h3 over the valid objects of the image; e = ReLU(LN(Linear 1088->C ([h1 ; g]))).
+
+    ``fusion="balanced"`` (a departure, docs/method.md section 10; the reference concatenates) normalises h1 and
+    g separately (LayerNorm, no affine) and scales g by sqrt(64 / 1024) before the 1088->C layer, so the
+    per-object part and the image-wide part enter it with equal norm. In the reference g, shared by every
+    object of an image, holds 16x more entries and dominates, so one image's embeddings are nearly identical.
+
+    Raises:
+        ValueError: an unknown ``fusion``.
     """
 
-    def __init__(self, descriptor_dim: int, channels: int = 256) -> None:
+    def __init__(self, descriptor_dim: int, channels: int = 256, fusion: str = "concat") -> None:
         super().__init__()
+        if fusion not in LABEL_FUSIONS:
+            raise ValueError(f"fusion must be one of {LABEL_FUSIONS}, got {fusion!r}")
+        self.fusion = fusion
         self.input_transform = SpatialTransformer(descriptor_dim)
         self.embed = linear_block(descriptor_dim, 64)
         self.feature_transform = SpatialTransformer(64)
@@ -80,5 +96,8 @@ class LabelEncoder(nn.Module):
         h3 = self.lift(h1)
         # h3 is a ReLU output (>= 0), so filling padding with 0 leaves each image's max
         # unchanged and gives an image without objects a finite all-zero global feature.
-        pooled = h3.masked_fill(~valid.unsqueeze(-1), 0).amax(dim=1, keepdim=True)
-        return self.fuse(torch.cat([h1, pooled.expand_as(h3)], dim=-1))
+        pooled = h3.masked_fill(~valid.unsqueeze(-1), 0).amax(dim=1, keepdim=True).expand_as(h3)
+        if self.fusion == "balanced":
+            h1 = F.layer_norm(h1, h1.shape[-1:])
+            pooled = F.layer_norm(pooled, pooled.shape[-1:]) * math.sqrt(h1.shape[-1] / pooled.shape[-1])
+        return self.fuse(torch.cat([h1, pooled], dim=-1))

@@ -23,14 +23,27 @@ class InterObjectRelationAdapter(nn.Module):
       - ``student_fill``: o^l = a^l (no attention, labels unused).
       - ``teacher_fill``: o^l = projected label embedding, the same for every level.
 
+    With ``residual`` (a departure, docs/method.md section 10; off in the reference) the guided patterns add
+    each object's own projected label embedding to its attention output, as a transformer block's residual
+    path does: o^l = attention(...) + projected label. Relations then refine an object's identity instead of
+    replacing it, and the uniform attention the reference settles in no longer erases which class it is.
+
     Modules a pattern never uses are not built, so every parameter receives a gradient.
+
+    Raises:
+        ValueError: an unknown pattern, or ``residual`` with a pattern that has no attention.
     """
 
-    def __init__(self, channels: int = 256, attention: str = "student_guided", num_heads: int = 8) -> None:
+    def __init__(
+        self, channels: int = 256, attention: str = "student_guided", num_heads: int = 8, residual: bool = False
+    ) -> None:
         super().__init__()
         if attention not in ATTENTION_PATTERNS:
             raise ValueError(f"attention must be one of {ATTENTION_PATTERNS}, got {attention!r}")
+        if residual and attention not in ("student_guided", "label_guided"):
+            raise ValueError(f"a residual path goes around the attention, and attention={attention!r} has none")
         self.pattern = attention
+        self.residual = residual
         self.label_projection = linear_block(channels, channels) if attention != "student_fill" else None
         guided = attention in ("student_guided", "label_guided")
         self.attention = nn.MultiheadAttention(channels, num_heads, batch_first=True) if guided else None
@@ -65,5 +78,5 @@ class InterObjectRelationAdapter(nn.Module):
         for level in appearance:
             query, memory = (level, projected) if self.pattern == "student_guided" else (projected, level)
             out, _ = self.attention(query, memory, memory, key_padding_mask=ignore, need_weights=False)
-            outputs.append(out)
+            outputs.append(out + projected if self.residual else out)
         return outputs

@@ -9,10 +9,13 @@ from torch import Tensor, nn
 
 from lgd.teacher.appearance import AppearanceEncoder
 from lgd.teacher.descriptors import CLASS_FORMATS, PaddedObjects, descriptor_dim, label_descriptors, pad_objects
-from lgd.teacher.label_encoder import LabelEncoder
+from lgd.teacher.label_encoder import LABEL_FUSIONS, LabelEncoder
 from lgd.teacher.mapper import IntraObjectKnowledgeMapper
 from lgd.teacher.masks import inside_masks, mask_crops, resize_masks
 from lgd.teacher.relation import ATTENTION_PATTERNS, InterObjectRelationAdapter
+
+# Where the distillation loss is taken (lgd.distill_region): every pixel (reference) or object_pixels only.
+DISTILL_REGIONS = ("all", "objects")
 
 
 @dataclass
@@ -22,10 +25,13 @@ class TeacherOutput:
     Attributes:
         features: per FPN level (B, C, H_l, W_l), exactly the shapes of the student's levels.
         has_objects: (B,) bool, True where the image had an object or a context box.
+        object_pixels: per FPN level (B, 1, H_l, W_l) bool, the pixels inside at least one real object
+            (the context box not counted): where the teacher paints object knowledge.
     """
 
     features: list[Tensor]
     has_objects: Tensor
+    object_pixels: list[Tensor]
 
 
 class ImplicitTeacher(nn.Module):
@@ -46,6 +52,12 @@ class ImplicitTeacher(nn.Module):
         detach_appearance: detach the student features before the appearance encoder.
         mask_guided: use instance masks instead of boxes for inside masks, and append each
             object's 7x7 mask crop to its descriptor.
+        relation_residual: a residual path around the relation adapter's attention (a departure,
+            docs/method.md section 10).
+        label_fusion: ``"concat"`` (reference) or ``"balanced"`` (a departure, docs/method.md section 10).
+
+    Raises:
+        ValueError: an unknown option, or channels the 8 attention heads cannot divide.
     """
 
     def __init__(
@@ -57,6 +69,8 @@ class ImplicitTeacher(nn.Module):
         attention: str = "student_guided",
         detach_appearance: bool = False,
         mask_guided: bool = False,
+        relation_residual: bool = False,
+        label_fusion: str = "concat",
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -73,9 +87,11 @@ class ImplicitTeacher(nn.Module):
         self.class_format = class_format
         self.mask_guided = mask_guided
         dim = descriptor_dim(num_classes, class_format, mask_guided)
-        self.label_encoder = LabelEncoder(dim, channels) if attention != "student_fill" else None
+        if label_fusion not in LABEL_FUSIONS:
+            raise ValueError(f"label_fusion must be one of {LABEL_FUSIONS}, got {label_fusion!r}")
+        self.label_encoder = LabelEncoder(dim, channels, label_fusion) if attention != "student_fill" else None
         self.appearance = AppearanceEncoder(channels, detach_appearance) if attention != "teacher_fill" else None
-        self.relation = InterObjectRelationAdapter(channels, attention)
+        self.relation = InterObjectRelationAdapter(channels, attention, residual=relation_residual)
         self.mapper = IntraObjectKnowledgeMapper(channels, context_box)
 
     def forward(
@@ -121,7 +137,8 @@ class ImplicitTeacher(nn.Module):
         context = [level[:, -1] for level in knowledge] if self.context_box else None
         painted = objects.valid & ~objects.is_context
         maps = self.mapper(knowledge, level_masks, painted, context)
-        return TeacherOutput(features=maps, has_objects=objects.valid.any(dim=1))
+        object_pixels = [(masks & painted[..., None, None]).any(dim=1, keepdim=True) for masks in level_masks]
+        return TeacherOutput(features=maps, has_objects=objects.valid.any(dim=1), object_pixels=object_pixels)
 
     @staticmethod
     def _level_masks(
