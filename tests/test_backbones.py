@@ -149,3 +149,19 @@ def test_each_new_backbone_family_trains_with_lgd_evaluates_and_exports(tiny_con
         with pytest.raises(LGDError, match="ONNX export cannot express this student's deformable convolutions"):
             export_onnx(student, cfg.model, ["a"], [1], 0, [torch.rand(3, 64, 64)], run / "s.onnx")
         assert not (run / "s.onnx").exists()
+
+
+def test_swin_fpn_exports_to_onnx(tmp_path):
+    # the detectors' own ONNX paths are tested in test_export.py; the new part here is Swin-T's FPN
+    import onnxruntime
+
+    torch.manual_seed(0)
+    backbone = build_backbone(ModelConfig(backbone="swin_t", fpn_channels=32), one_stage=True).eval()
+    image = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = backbone(image)
+    torch.onnx.export(backbone, (image,), str(tmp_path / "swin.onnx"), input_names=["image"],
+                      output_names=[f"level_{k}" for k in expected], opset_version=17, dynamo=False)
+    session = onnxruntime.InferenceSession(str(tmp_path / "swin.onnx"), providers=["CPUExecutionProvider"])
+    for found, want in zip(session.run(None, {"image": image.numpy()}), expected.values()):
+        torch.testing.assert_close(torch.from_numpy(found), want, atol=1e-4, rtol=1e-4)
