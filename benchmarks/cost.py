@@ -5,7 +5,8 @@
 
 Reports, as medians of interleaved repetitions:
   * training step time and peak memory, LGD / baseline, for RetinaNet R-50-FPN at 512x512, batch 2,
-    80 classes, 10 objects per image (the issue's anchor setting), and for the accuracy benchmark's config;
+    80 classes, 10 objects per image (the issue's anchor setting), for FCOS X-101-32x8d-DCNv2 and Swin-T
+    Mask R-CNN at 256x256, batch 1, and for the accuracy benchmark's config;
   * the teacher's share of the LGD step (its forward and backward alone);
   * inference time of the exported student against the plain torchvision model (and identical parameters);
   * teacher time as objects per image (1, 10, 100, 300) and image size grow, with a plot.
@@ -34,6 +35,10 @@ from lgd.solver import make_optimizer
 from lgd.files import to_json
 
 RESULTS = Path(__file__).parent / "results"
+REFERENCE_BACKBONES = [
+    ("FCOS X-101-32x8d-DCNv2-FPN", "fcos", {"backbone": "resnext101_32x8d", "deform_stages": [False, True, True, True]}),
+    ("Mask R-CNN Swin-T-FPN (mask-guided)", "maskrcnn", {"backbone": "swin_t"}),
+]
 
 
 def _status_mib(field: str) -> float:
@@ -84,8 +89,13 @@ def make_batch(arch: str, num_images: int, size: int, objects: int, num_classes:
         images.append(torch.rand(3, size, size, generator=g))
         xy = torch.rand(objects, 2, generator=g) * size * 0.7
         wh = 8 + torch.rand(objects, 2, generator=g) * size * 0.25
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1).clamp(max=size - 1),
-                        "labels": torch.randint(0, num_classes, (objects,), generator=g) + offset})
+        boxes = torch.cat([xy, xy + wh], 1).clamp(max=size - 1)
+        target = {"boxes": boxes, "labels": torch.randint(0, num_classes, (objects,), generator=g) + offset}
+        if arch == "maskrcnn":  # box-shaped instance masks
+            target["masks"] = torch.zeros(objects, size, size, dtype=torch.uint8)
+            for i, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
+                target["masks"][i, y1:y2 + 1, x1:x2 + 1] = 1
+        targets.append(target)
     return images, targets
 
 
@@ -275,6 +285,13 @@ def main(argv: list[str] | None = None) -> dict:
         # past the pre-distillation window, so the student also receives the distillation gradient
         steps["RetinaNet R-50-FPN 512x512, batch 2, K=80, 10 obj/img"] = step_ratio(
             anchor, 80, LGDConfig(pre_distill_iters=0), make_batch("retinanet", 2, 512, 10, 80), repeats)
+        # the reference's heaviest backbones, at a small size (DCN is slow on CPU): the paper's headline FCOS and
+        # its Swin-T Mask R-CNN (timed with SGD on both sides; the recipe's AdamW student costs about the same)
+        for name, arch, extra in REFERENCE_BACKBONES:
+            cfg = ModelConfig(arch=arch, fpn_channels=256, norm="frozen_bn", min_size=[256], max_size=256, **extra)
+            steps[f"{name} 256x256, batch 1, K=80, 10 obj/img"] = step_ratio(
+                cfg, 80, LGDConfig(pre_distill_iters=0, mask_guided=arch == "maskrcnn"),
+                make_batch(arch, 1, 256, 10, 80), repeats)
         bench = load_config(args.bench_config)
         size = bench.model.min_size[0]
         steps[f"benchmark config ({Path(args.bench_config).name})"] = step_ratio(

@@ -16,6 +16,7 @@ import yaml
 from lgd.atomic import atomic_write_text
 from lgd.data.formats import FORMATS
 from lgd.data.synthetic import Difficulty
+from lgd.detectors.backbones import DEPTHS, backbone_name
 from lgd.detectors.views import ARCHS
 from lgd.errors import ConfigError
 from lgd.evaluation import METRICS
@@ -84,7 +85,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = _f("retinanet", "detector: retinanet | fcos | fasterrcnn | maskrcnn")
-    depth: int = _f(50, "ResNet depth of the backbone: 18 | 34 | 50 | 101")
+    backbone: str = _f("", "backbone trunk: resnet18 | resnet34 | resnet50 | resnet101 | resnext50_32x4d | "
+                           "resnext101_32x8d | swin_t (torchvision's); empty = resnet<model.depth>")
+    depth: Optional[int] = _f(None, "older name for model.backbone=resnet<depth>: 18 | 34 | 50 | 101; null = "
+                                    "model.backbone decides (resnet50 if that is empty too)")
+    deform_stages: list = _f([False, False, False, False], "DCN v2 per stage res2..res5 (detectron2's "
+                             "DEFORM_ON_PER_STAGE): every bottleneck 3x3 conv of a true stage becomes a modulated "
+                             "deformable conv (reference DCN recipes: [false, true, true, true])")
+    deform_mask_scale: float = _f(1.0, "DCN v2 modulation mask = this x sigmoid(logit): 1 = detectron2 (0.5 at "
+                                       "initialisation); 2 = the layer starts as exactly the plain conv")
     fpn_channels: int = _f(256, "FPN width C (the paper uses 256)")
     norm: str = _f("frozen_bn", "backbone normalisation: frozen_bn | bn | gn (use bn or gn when training from scratch)")
     head_norm: str = _f("none", "detection-head normalisation for RetinaNet: none | gn (FCOS always uses GN)")
@@ -107,9 +116,12 @@ class ModelConfig:
 @dataclass
 class SolverConfig:
     max_iter: int = _f(180000, "training iterations")
-    base_lr: float = _f(0.01, "student learning rate (SGD)")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(1e-4, "SGD weight decay, on every parameter unless the two keys below say otherwise (reference)")
+    optimizer: str = _f("sgd", "student (and adapter) optimiser: sgd | adamw (torch.optim.AdamW, betas 0.9/0.999, "
+                               "as the reference's Swin-T recipes)")
+    base_lr: float = _f(0.01, "student learning rate")
+    momentum: float = _f(0.9, "SGD momentum (AdamW ignores it)")
+    weight_decay: float = _f(1e-4, "student weight decay (AdamW: decoupled), on every parameter unless the two keys "
+                                   "below say otherwise (reference)")
     weight_decay_norm: Optional[float] = _f(None, "weight decay of normalisation-layer parameters; null = weight_decay "
                                                   "(reference); 0 = exclude them (detectron2's default)")
     weight_decay_bias: Optional[float] = _f(None, "weight decay of biases; null = weight_decay (reference)")
@@ -152,9 +164,11 @@ class LGDConfig:
                                   "student's head on the teacher's features; logged as split val_teacher, drawn in "
                                   "ap.png beside the student), as the reference's EVAL_TEACHER; costs about one more "
                                   "evaluation each time")
+    teacher_optimizer: str = _f("sgd", "teacher optimiser: sgd | adamw (the reference's Swin-T RetinaNet: adamw; "
+                                       "its Swin-T Mask R-CNN: sgd beside an adamw student)")
     teacher_lr: float = _f(0.01, "teacher learning rate (same schedule shape as the student's)")
-    teacher_momentum: float = _f(0.9, "teacher SGD momentum")
-    teacher_weight_decay: float = _f(1e-4, "teacher SGD weight decay")
+    teacher_momentum: float = _f(0.9, "teacher SGD momentum (AdamW ignores it)")
+    teacher_weight_decay: float = _f(1e-4, "teacher weight decay")
 
 
 DISTILL_METHODS = ("auto", "lgd", "fgfi", "none")
@@ -210,6 +224,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ARCHS,
     "model.norm": ("frozen_bn", "bn", "gn"),
     "model.head_norm": ("none", "gn"),
+    "solver.optimizer": ("sgd", "adamw"),
+    "lgd.teacher_optimizer": ("sgd", "adamw"),
     "solver.schedule": ("multistep", "cosine"),
     "solver.clip_type": ("value", "norm", "none"),
     "solver.amp": ("none", "bf16", "fp16"),
@@ -401,8 +417,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"keep_checkpoints must be at least 1; got {cfg.keep_checkpoints}")
     if cfg.data.batch_size <= 0 or cfg.data.eval_batch_size <= 0:
         raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
-    if cfg.model.depth not in (18, 34, 50, 101):
-        raise ConfigError(f"model.depth must be one of 18, 34, 50, 101; got {cfg.model.depth}")
+    if cfg.model.depth is not None and cfg.model.depth not in DEPTHS:
+        raise ConfigError(f"model.depth must be one of {', '.join(map(str, DEPTHS))}; got {cfg.model.depth}")
+    backbone_name(cfg.model)
+    if len(cfg.model.deform_stages) != 4 or not all(isinstance(v, bool) for v in cfg.model.deform_stages):
+        raise ConfigError(f"model.deform_stages must be 4 true/false values, one per stage res2..res5; got "
+                          f"{cfg.model.deform_stages}")
+    if cfg.model.deform_mask_scale <= 0:
+        raise ConfigError(f"model.deform_mask_scale must be positive; got {cfg.model.deform_mask_scale}")
     if len(cfg.model.anchor_sizes) != 5 or any(s <= 0 for s in cfg.model.anchor_sizes):
         raise ConfigError("model.anchor_sizes must be 5 positive sizes, one per FPN level")
     if not cfg.model.min_size or any(s <= 0 for s in cfg.model.min_size):

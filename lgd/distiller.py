@@ -132,7 +132,8 @@ class LGD(Trainable):
         self.post_distill_iters = cfg.post_distill_iters
         self.freeze_backbone_iters = cfg.freeze_backbone_iters
         self.max_iter = max_iter
-        self.teacher_lr, self.teacher_momentum = cfg.teacher_lr, cfg.teacher_momentum
+        self.teacher_optimizer, self.teacher_lr, self.teacher_momentum = cfg.teacher_optimizer, cfg.teacher_lr, \
+            cfg.teacher_momentum
         self.teacher_weight_decay = cfg.teacher_weight_decay
         self._body_trainable = [p for p in self.view.backbone_body.parameters() if p.requires_grad]
         self.iteration = 0
@@ -156,9 +157,10 @@ class LGD(Trainable):
 
     def optimizer_groups(self) -> list[OptimizerGroup]:
         """Two optimizers, as in the paper: the student's (detector and adapter, the solver's settings) and the
-        teacher's (``lgd.teacher_lr``, ``teacher_momentum``, ``teacher_weight_decay``)."""
+        teacher's (``lgd.teacher_optimizer``, ``teacher_lr``, ``teacher_momentum``, ``teacher_weight_decay``)."""
         return [OptimizerGroup([self.student, self.adapter]),
-                OptimizerGroup([self.teacher], self.teacher_lr, self.teacher_momentum, self.teacher_weight_decay)]
+                OptimizerGroup([self.teacher], self.teacher_lr, self.teacher_momentum, self.teacher_weight_decay,
+                               optimizer=self.teacher_optimizer)]
 
     has_teacher = True
 

@@ -9,7 +9,7 @@ an ONNX graph for runtimes without Python.
     model = lgd.export.build_student(exported)  # a plain torchvision detector, eval mode, test scale
 
 ``exported`` also holds "class_names" (label ``l`` is ``class_names[l - label_offset]``), "category_ids",
-"label_offset", "arch" and "model_config" (depth, FPN width, norms, anchor sizes, image sizes, ...).
+"label_offset", "arch" and "model_config" (backbone, FPN width, norms, anchor sizes, image sizes, ...).
 
 ``student.onnx`` takes one image, float32 (3, H, W) in [0, 1] RGB, any H and W, and returns "boxes" (N, 4)
 XYXY in that image's pixels, "scores" (N,), "labels" (N,) int64 and, for Mask R-CNN, "masks" (N, 1, H, W)
@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torchvision
 from torch import Tensor, nn
 
 from lgd.atomic import atomic_write
 from lgd.checkpoint import atomic_save
 from lgd.config import ModelConfig
 from lgd.detectors import build_detector, set_test_size
+from lgd.detectors.deform import has_deformable
 from lgd.errors import LGDError
 from lgd.files import load_torch_file
 
@@ -202,9 +204,15 @@ def export_onnx(
         The comparison on ``images``.
 
     Raises:
-        LGDError: onnx or onnxruntime is not installed, the export fails, or onnxruntime disagrees with
-            PyTorch; nothing is written then.
+        LGDError: the student has deformable convolutions (``model.deform_stages``: torchvision registers no
+            ONNX symbolic for ``deform_conv2d``), onnx or onnxruntime is not installed, the export fails, or
+            onnxruntime disagrees with PyTorch; nothing is written then.
     """
+    if has_deformable(student):
+        raise LGDError(f"ONNX export cannot express this student's deformable convolutions (model.deform_stages="
+                       f"{model_cfg.deform_stages}): torchvision {torchvision.__version__} has no ONNX symbolic for "
+                       "torchvision::deform_conv2d. Export the .pth (`lgd export` without --format onnx) and run it "
+                       "with PyTorch")
     try:
         import onnx
         import onnxruntime  # noqa: F401  (used by onnx_parity; checked here so nothing is exported in vain)

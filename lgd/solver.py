@@ -1,4 +1,4 @@
-"""Optimization: SGD optimizers over parameter groups, gradient clipping, the learning-rate schedule.
+"""Optimization: SGD or AdamW optimizers over parameter groups, gradient clipping, the learning-rate schedule.
 
 A model says which optimizers it wants (``optimizer_groups()``: LGD trains the teacher with an optimizer of its
 own, as the paper does); ``build_optimization`` makes them from the solver config, each with the same schedule.
@@ -17,21 +17,25 @@ from lgd.config import SolverConfig
 
 @dataclass
 class OptimizerGroup:
-    """The modules one SGD optimizer updates; a hyper-parameter left None is the solver config's."""
+    """The modules one optimizer updates; a hyper-parameter left None is the solver config's."""
 
     modules: list[nn.Module]
     lr: Optional[float] = None
     momentum: Optional[float] = None
     weight_decay: Optional[float] = None
+    optimizer: Optional[str] = None  # "sgd" | "adamw"
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def make_optimizer(modules: Iterable[nn.Module], lr: float, momentum: float, weight_decay: float,
-                   weight_decay_norm: Optional[float] = None,
-                   weight_decay_bias: Optional[float] = None) -> torch.optim.SGD:
-    """SGD over every trainable parameter, each once.
+                   weight_decay_norm: Optional[float] = None, weight_decay_bias: Optional[float] = None,
+                   optimizer: str = "sgd") -> torch.optim.Optimizer:
+    """SGD (with ``momentum``) or AdamW over every trainable parameter, each once.
+
+    AdamW is the reference's (megvii-research/LGD ``utils/build.py``, ``build_distillator_optimizer``):
+    ``torch.optim.AdamW`` with betas (0.9, 0.999), torch's eps, and ``weight_decay`` decoupled; it has no momentum.
 
     Weight decay is ``weight_decay`` on every parameter, as in the reference's optimizer builder
     (megvii-research/LGD ``utils/build.py``: one group per parameter, all at 1e-4). ``weight_decay_norm`` sets it
@@ -52,7 +56,12 @@ def make_optimizer(modules: Iterable[nn.Module], lr: float, momentum: float, wei
                 elif name == "bias" and weight_decay_bias is not None:
                     decay = weight_decay_bias
                 groups.setdefault(decay, []).append(p)
-    return torch.optim.SGD([{"params": ps, "weight_decay": wd} for wd, ps in groups.items()], lr=lr, momentum=momentum)
+    param_groups = [{"params": ps, "weight_decay": wd} for wd, ps in groups.items()]
+    if optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999))
+    if optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer '{optimizer}' (sgd | adamw)")
 
 
 def lr_factor(it: int, s: SolverConfig) -> float:
@@ -137,12 +146,12 @@ class Optimization:
 
 
 def build_optimization(groups: list[OptimizerGroup], s: SolverConfig) -> Optimization:
-    """One SGD optimizer per group, in order (``make_optimizer``), each scheduled by ``lr_factor`` and clipped as
-    the solver config ``s`` says."""
+    """One optimizer per group, in order (``make_optimizer``; ``s.optimizer`` unless the group names its own),
+    each scheduled by ``lr_factor`` and clipped as the solver config ``s`` says."""
     optimizers = [
         make_optimizer(g.modules, s.base_lr if g.lr is None else g.lr, s.momentum if g.momentum is None else g.momentum,
                        s.weight_decay if g.weight_decay is None else g.weight_decay, s.weight_decay_norm,
-                       s.weight_decay_bias)
+                       s.weight_decay_bias, s.optimizer if g.optimizer is None else g.optimizer)
         for g in groups
     ]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda it: lr_factor(it, s)) for o in optimizers]

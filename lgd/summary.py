@@ -13,6 +13,7 @@ from lgd.config import Config
 from lgd.data import CocoDetection
 from lgd.data.stats import dataset_stats
 from lgd.detectors import build_detector
+from lgd.detectors.backbones import backbone_name
 from lgd.distiller import LGD
 from lgd.distributed import Context
 
@@ -30,7 +31,8 @@ def parameter_counts(cfg: Config, num_classes: int) -> dict[str, Any]:
     """
     architecture = dataclasses.replace(cfg.model, weights="", backbone_weights="")
     student = build_detector(architecture, num_classes)
-    report: dict[str, Any] = {"arch": cfg.model.arch, "num_classes": num_classes,
+    report: dict[str, Any] = {"arch": cfg.model.arch, "backbone": backbone_name(cfg.model),
+                              "deform_stages": list(cfg.model.deform_stages), "num_classes": num_classes,
                               "fpn_channels": cfg.model.fpn_channels, "student": count(student)}
     lgd = LGD(student, num_classes=num_classes, config=cfg.lgd, max_iter=cfg.solver.max_iter)
     report.update({
@@ -72,11 +74,11 @@ def training_summary(cfg: Config, ctx: Context, train_set: CocoDetection, val_se
         ("device", f"{ctx.device}, {threads} thread{'s' if threads > 1 else ''}{processes}, precision {s.amp}"),
         *_split_lines(cfg, "train", train_set),
         *_split_lines(cfg, "val", val_set),
-        ("model", f"{m.arch}, ResNet-{m.depth}-FPN (width {m.fpn_channels}, {m.norm}), {count(student) / 1e6:.2f} M "
-                  f"parameters, images {'/'.join(map(str, m.min_size))} px (max {m.max_size}); weights: {weights}"),
+        ("model", f"{m.arch}, {backbone_name(m)}{'-DCNv2' if any(m.deform_stages) else ''}-FPN (width "
+                  f"{m.fpn_channels}, {m.norm}), {count(student) / 1e6:.2f} M parameters, images {'/'.join(map(str, m.min_size))} px (max {m.max_size}); weights: {weights}"),
         ("LGD", model.describe()),
-        ("schedule", f"{s.max_iter} iterations of {cfg.data.batch_size} images, lr {s.base_lr}; evaluation on val "
-                     f"{evaluation}{resuming}{warning}"),
+        ("schedule", f"{s.max_iter} iterations of {cfg.data.batch_size} images, {s.optimizer} lr {s.base_lr}; "
+                     f"evaluation on val {evaluation}{resuming}{warning}"),
         ("output", f"{cfg.output_dir} (config.yaml, checkpoints, metrics.jsonl, tensorboard/, plots)"),
     ]
     width = max(len(k) for k, _ in lines)

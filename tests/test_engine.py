@@ -40,11 +40,15 @@ def _tensorboard_points(run: Path) -> set[tuple[str, int]]:
     return {(tag, e.step) for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
 
 
-def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch):
-    uninterrupted = tiny_config(f"output_dir={tmp_path / 'a'}", "eval_period=2")
+# the default SGD on both sides, and an AdamW student beside an SGD teacher (the reference's Swin-T Mask R-CNN):
+# AdamW's moments and step counts must come back from the checkpoint too
+@pytest.mark.parametrize("optimizers", [(), ("solver.optimizer=adamw", "solver.base_lr=0.001",
+                                             "solver.weight_decay=0.05")], ids=["sgd", "adamw_student"])
+def test_resume_continues_exactly(tiny_config, tmp_path, monkeypatch, optimizers):
+    uninterrupted = tiny_config(f"output_dir={tmp_path / 'a'}", "eval_period=2", *optimizers)
     train(uninterrupted, progress=False)
 
-    interrupted = tiny_config(f"output_dir={tmp_path / 'b'}", "eval_period=2")
+    interrupted = tiny_config(f"output_dir={tmp_path / 'b'}", "eval_period=2", *optimizers)
     real_step = Optimization.step
     calls = {"n": 0}
 

@@ -1,58 +1,21 @@
-"""torchvision detectors built from the config: ResNet-FPN backbone, RetinaNet / FCOS / Faster / Mask R-CNN."""
+"""torchvision detectors built from the config: a backbone-FPN (backbones.py), RetinaNet / FCOS / Faster / Mask R-CNN."""
 from __future__ import annotations
 
 import functools
 from typing import TYPE_CHECKING
 
 from torch import nn
-from torchvision import models
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops import misc as misc_ops
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from lgd.detectors.backbones import build_backbone
 from lgd.detectors.weights import load_into
 from lgd.errors import ConfigError
 
 if TYPE_CHECKING:  # only annotations: lgd.config imports this package for the model.arch choices
     from lgd.config import ModelConfig
-
-
-def _norm_layer(norm: str):
-    if norm == "frozen_bn":
-        return misc_ops.FrozenBatchNorm2d
-    if norm == "bn":
-        return nn.BatchNorm2d
-    return functools.partial(nn.GroupNorm, 32)
-
-
-def build_backbone(cfg: ModelConfig, one_stage: bool) -> BackboneWithFPN:
-    """ResNet-FPN: P3-P7 (P6/P7 from P5) for one-stage detectors, P2-P6 (max-pool P6) for R-CNNs."""
-    resnet = getattr(models, f"resnet{cfg.depth}")(weights=None, norm_layer=_norm_layer(cfg.norm))
-    if cfg.backbone_weights:
-        load_into(resnet, cfg.backbone_weights, "model.backbone_weights", strict=False)
-    if not 0 <= cfg.trainable_layers <= 5:
-        raise ConfigError(f"model.trainable_layers must be in 0..5, got {cfg.trainable_layers}")
-    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: cfg.trainable_layers]
-    if cfg.trainable_layers == 5:
-        trainable.append("bn1")
-    for name, p in resnet.named_parameters():
-        if not any(name.startswith(layer) for layer in trainable):
-            p.requires_grad_(False)
-    stages = [2, 3, 4] if one_stage else [1, 2, 3, 4]
-    widths = {1: 64, 2: 128, 3: 256, 4: 512} if cfg.depth in (18, 34) else {1: 256, 2: 512, 3: 1024, 4: 2048}
-    c = cfg.fpn_channels
-    extra = LastLevelP6P7(c, c) if one_stage else LastLevelMaxPool()
-    return BackboneWithFPN(
-        resnet,
-        return_layers={f"layer{k}": str(i) for i, k in enumerate(stages)},
-        in_channels_list=[widths[k] for k in stages],
-        out_channels=c,
-        extra_blocks=extra,
-    )
 
 
 def retinanet_anchors(sizes: list[int]) -> AnchorGenerator:
