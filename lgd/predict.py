@@ -1,29 +1,61 @@
-"""`lgd predict`: run an exported student on image files, write detections.json and one picture per image."""
+"""`lgd predict`: run an exported student on image files, write detections.json and one picture per image.
+
+Large images can be predicted sliced, as SAHI does (:class:`Slicing`): tiles of the image are predicted each at
+its own resolution, their detections shifted back to the image's pixels and merged. SAHI itself is not used: it
+would install opencv-python, shapely, fire and requests for a grid of a few lines (``lgd.data.tiling``) and one
+merge, and its torchvision wrapper builds models by torchvision constructor name, not from our export.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torchvision.ops import box_area
 from tqdm import tqdm
 
 from lgd.data.image_io import IMAGE_EXTENSIONS, find_images, read_image
-from lgd.errors import DatasetError
+from lgd.data.tiling import check_tiling, tile_grid
+from lgd.errors import DatasetError, LGDError
 from lgd.files import to_json
 from lgd.visualize import draw_detections
+
+# Tiles per forward pass: a batch keeps a GPU busy, and 8 tiles of ~1000 px fit in a few GB.
+TILE_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Slicing:
+    """Sliced prediction: tiles of ``size`` x ``size`` px overlapping by ``overlap`` (a fraction of ``size``) on
+    :func:`lgd.data.tiling.tile_grid`'s grid; same-class detections of two tiles covering more than
+    ``match_thresh`` of the smaller box's area (intersection over smaller, SAHI's "IOS") are one object."""
+
+    size: int
+    overlap: float = 0.2
+    match_thresh: float = 0.5
+
+    def check(self) -> None:
+        """Raises LGDError for a bad size, overlap (:func:`check_tiling`) or ``match_thresh`` outside (0, 1]."""
+        check_tiling(self.size, self.overlap)
+        if not 0 < self.match_thresh <= 1:
+            raise LGDError(f"the tile merge threshold must be in (0, 1], got {self.match_thresh}")
 
 
 @dataclass
 class Prediction:
-    """What a run did: records written to detections.json, files skipped (with why), hidden files left out."""
+    """What a run did: records written to detections.json, files skipped (with why), hidden files left out, and
+    one line per image whose detections reached the per-image limit (more may have been cut)."""
 
     records: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     hidden: list[Path] = field(default_factory=list)
+    limited: list[str] = field(default_factory=list)
 
     @property
     def detections(self) -> int:
@@ -58,6 +90,92 @@ def picture_names(paths: list[Path]) -> list[str]:
     return [f"{p.stem if stems[p.stem] == 1 else p.name}.png" for p in paths]
 
 
+def detection_limit(model: nn.Module) -> Optional[int]:
+    """The detections a torchvision detector keeps per image (``detections_per_img``: RetinaNet and FCOS hold it
+    themselves, the R-CNNs in their box head); None for a model without one."""
+    head = model if hasattr(model, "detections_per_img") else getattr(model, "roi_heads", None)
+    limit = getattr(head, "detections_per_img", None)
+    return None if limit is None else int(limit)
+
+
+@contextlib.contextmanager
+def detections_per_img(model: nn.Module, limit: Optional[int]) -> Iterator[None]:
+    """Let ``model`` keep ``limit`` detections per image (per tile when sliced) inside the block, then restore
+    its own limit; nothing changes for ``limit`` None or a model without one."""
+    head = model if hasattr(model, "detections_per_img") else getattr(model, "roi_heads", None)
+    own = getattr(head, "detections_per_img", None)
+    if limit is None or own is None:
+        yield
+        return
+    head.detections_per_img = limit
+    try:
+        yield
+    finally:
+        head.detections_per_img = own
+
+
+def merge_tiles(boxes: Tensor, scores: Tensor, labels: Tensor, tiles: Tensor, match_thresh: float) -> Tensor:
+    """Indices of the detections to keep, by decreasing score, after merging overlapping tiles' detections.
+
+    Greedy NMS per class, in score order, where a detection is suppressed by a kept one of the same class from
+    another tile when their intersection covers more than ``match_thresh`` of the smaller box (intersection over
+    smaller, SAHI's "IOS"). IoU (torchvision's ``batched_nms``) would keep both the part of an object a tile
+    cuts at its edge and the whole object in the next tile (a third of a box has IoU 0.33 with it); detections of
+    one tile are left as the detector's own NMS left them.
+
+    Args:
+        boxes: (N, 4) XYXY in the image's pixels; scores: (N,); labels: (N,); tiles: (N,) the tile of each.
+    """
+    order = scores.argsort(descending=True, stable=True)
+    boxes, labels, tiles = boxes[order], labels[order], tiles[order]
+    area = box_area(boxes)
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    for i in range(len(order)):
+        if suppressed[i]:
+            continue
+        rest = slice(i + 1, None)
+        corners = torch.minimum(boxes[i, 2:], boxes[rest, 2:]) - torch.maximum(boxes[i, :2], boxes[rest, :2])
+        smaller = torch.minimum(area[i], area[rest]).clamp(min=1e-6)
+        ios = corners.clamp(min=0).prod(dim=1) / smaller
+        suppressed[rest] |= (labels[rest] == labels[i]) & (tiles[rest] != tiles[i]) & (ios > match_thresh)
+    return order[~suppressed]
+
+
+def _detect(model: nn.Module, image: Tensor, score_thresh: float,
+            limit: Optional[int]) -> tuple[dict[str, Tensor], bool]:
+    """(the detections scoring at least ``score_thresh``, on the CPU; whether they reached ``limit``). The
+    detector keeps its best ``limit``: when all of those pass the threshold, better ones may have been cut."""
+    det = {k: v.cpu() for k, v in model([image])[0].items()}
+    keep = det["scores"] >= score_thresh
+    if limit is not None and int(keep.sum()) > limit:  # a model that does not hold the limit itself
+        keep = det["scores"].argsort(descending=True)[:limit].sort().values
+    det = {k: v[keep] for k, v in det.items()}
+    return det, limit is not None and len(det["scores"]) >= limit
+
+
+def _detect_sliced(model: nn.Module, image: Tensor, score_thresh: float, limit: Optional[int],
+                   slicing: Slicing) -> tuple[dict[str, Tensor], bool]:
+    """As :func:`_detect`, on the tiles of ``image`` merged by :func:`merge_tiles` and kept to the best ``limit``
+    (boxes, scores, labels: masks are not pasted back). The limit counts as reached when a tile reached it
+    or the merged detections exceed it."""
+    grid = tile_grid(image.shape[-1], image.shape[-2], slicing.size, slicing.overlap)
+    parts, reached = [], False
+    for start in range(0, len(grid), TILE_BATCH):
+        chunk = grid[start:start + TILE_BATCH]
+        outputs = model([image[:, y1:y2, x1:x2] for x1, y1, x2, y2 in chunk])
+        for n, ((x1, y1, _, _), out) in enumerate(zip(chunk, outputs), start):
+            keep = out["scores"] >= score_thresh
+            reached |= limit is not None and int(keep.sum()) >= limit
+            shift = torch.tensor([x1, y1, x1, y1], dtype=out["boxes"].dtype, device=out["boxes"].device)
+            parts.append((out["boxes"][keep] + shift, out["scores"][keep], out["labels"][keep],
+                          torch.full((int(keep.sum()),), n)))
+    boxes, scores, labels, tiles = (torch.cat([p[k].cpu() for p in parts]) for k in range(4))
+    keep = merge_tiles(boxes, scores, labels, tiles, slicing.match_thresh)
+    if limit is not None and len(keep) > limit:
+        reached, keep = True, keep[:limit]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}, reached
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -67,6 +185,8 @@ def predict(
     score_thresh: float,
     device: torch.device,
     progress: bool = True,
+    max_detections: Optional[int] = None,
+    slicing: Optional[Slicing] = None,
 ) -> Prediction:
     """Detect objects in ``source`` (an image or a folder) and write the results to ``out``.
 
@@ -76,37 +196,54 @@ def predict(
     (:func:`lgd.visualize.draw_detections`: class-agnostic NMS for the picture only). An image that cannot
     be read is reported in ``skipped`` and the run goes on.
 
+    At most ``max_detections`` detections are kept per image (default: the model's ``detections_per_img``),
+    the best-scoring; the model is let keep as many itself (per tile, when sliced) for the run. An image whose
+    detections reach that limit is named in ``limited``. With ``slicing``, each image is predicted by tiles
+    (:func:`_detect_sliced`), each tile at its own resolution, rather than whole at the model's input size.
+
     Args:
         model: an exported student in eval mode; meta: its metadata (``lgd.export.load_student``).
 
     Raises:
         DatasetError: ``source`` holds no image (see :func:`input_images`).
+        LGDError: ``max_detections`` < 1, or bad ``slicing`` (:meth:`Slicing.check`).
     """
+    if max_detections is not None and max_detections < 1:
+        raise LGDError(f"the detections kept per image must be at least 1, got {max_detections}")
+    if slicing is not None:
+        slicing.check()
     paths, hidden = input_images(source)
     result = Prediction(hidden=hidden)
+    limit = max_detections or detection_limit(model)
     offset, names, category_ids = meta["label_offset"], meta["class_names"], meta["category_ids"]
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        for path, picture in tqdm(list(zip(paths, picture_names(paths))), desc="predict", disable=not progress,
-                                  dynamic_ncols=True):
-            try:
-                image = read_image(path)
-            except DatasetError as e:
-                result.skipped.append(str(e))
-                continue
-            det = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
-            keep = det["scores"] >= score_thresh
-            det = {k: v[keep] for k, v in det.items()}
-            draw_detections(image, det, names, label_offset=offset, score_thresh=score_thresh).save(out / picture)
-            result.records.append({
-                "file": str(path),
-                "picture": picture,
-                "detections": [
-                    {"box_xyxy": [round(float(x), 2) for x in box], "score": round(float(score), 4),
-                     "category_id": category_ids[int(label) - offset], "class_name": names[int(label) - offset]}
-                    for box, score, label in zip(det["boxes"], det["scores"], det["labels"])
-                ],
-            })
-    finally:
-        (out / "detections.json").write_text(to_json(result.records, indent=1))
+    with detections_per_img(model, max_detections):
+        try:
+            for path, picture in tqdm(list(zip(paths, picture_names(paths))), desc="predict", disable=not progress,
+                                      dynamic_ncols=True):
+                try:
+                    image = read_image(path)
+                except DatasetError as e:
+                    result.skipped.append(str(e))
+                    continue
+                if slicing is None:
+                    det, reached = _detect(model, image.to(device), score_thresh, limit)
+                else:
+                    det, reached = _detect_sliced(model, image.to(device), score_thresh, limit, slicing)
+                if reached:
+                    where = "" if len(det["scores"]) >= limit else ", and one of its tiles reached the limit"
+                    result.limited.append(f"{path}: {len(det['scores'])} detections{where}; the limit is {limit} "
+                                          f"per image (--max-detections): raise it to see more")
+                draw_detections(image, det, names, label_offset=offset, score_thresh=score_thresh).save(out / picture)
+                result.records.append({
+                    "file": str(path),
+                    "picture": picture,
+                    "detections": [
+                        {"box_xyxy": [round(float(x), 2) for x in box], "score": round(float(score), 4),
+                         "category_id": category_ids[int(label) - offset], "class_name": names[int(label) - offset]}
+                        for box, score, label in zip(det["boxes"], det["scores"], det["labels"])
+                    ],
+                })
+        finally:
+            (out / "detections.json").write_text(to_json(result.records, indent=1))
     return result
