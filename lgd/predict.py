@@ -1,9 +1,10 @@
 """`lgd predict`: run an exported student on image files, write detections.json and one picture per image.
 
 Large images can be predicted sliced, as SAHI does (:class:`Slicing`): tiles of the image are predicted each at
-its own resolution, their detections shifted back to the image's pixels and merged. SAHI itself is not used: it
-would install opencv-python, shapely, fire and requests for a grid of a few lines (``lgd.data.tiling``) and one
-merge, and its torchvision wrapper builds models by torchvision constructor name, not from our export.
+its own resolution, their detections shifted back to the image's pixels and merged (SAHI's default merge). SAHI
+itself is not used: it would install opencv-python, shapely, fire and requests for a grid of a few lines
+(``lgd.data.tiling``) and one merge loop, and its torchvision wrapper builds models by torchvision constructor
+name with COCO's classes, not from an lgd export.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ TILE_BATCH = 8
 @dataclass(frozen=True)
 class Slicing:
     """Sliced prediction: tiles of ``size`` x ``size`` px overlapping by ``overlap`` (a fraction of ``size``) on
-    :func:`lgd.data.tiling.tile_grid`'s grid; same-class detections of two tiles covering more than
-    ``match_thresh`` of the smaller box's area (intersection over smaller, SAHI's "IOS") are one object."""
+    :func:`lgd.data.tiling.tile_grid`'s grid; same-class detections of two tiles whose intersection covers more
+    than ``match_thresh`` of the smaller box (intersection over smaller, SAHI's "IOS") are one object
+    (:func:`merge_tiles`)."""
 
     size: int
     overlap: float = 0.2
@@ -114,31 +116,42 @@ def detections_per_img(model: nn.Module, limit: Optional[int]) -> Iterator[None]
         head.detections_per_img = own
 
 
-def merge_tiles(boxes: Tensor, scores: Tensor, labels: Tensor, tiles: Tensor, match_thresh: float) -> Tensor:
-    """Indices of the detections to keep, by decreasing score, after merging overlapping tiles' detections.
+def merge_tiles(boxes: Tensor, scores: Tensor, labels: Tensor, tiles: Tensor,
+                match_thresh: float) -> tuple[Tensor, Tensor]:
+    """(indices of the detections kept, by decreasing score; their boxes after merging) of overlapping tiles'
+    detections, by SAHI's default merge (greedy non-maximum merging, "GREEDYNMM", on intersection over smaller).
 
-    Greedy NMS per class, in score order, where a detection is suppressed by a kept one of the same class from
-    another tile when their intersection covers more than ``match_thresh`` of the smaller box (intersection over
-    smaller, SAHI's "IOS"). IoU (torchvision's ``batched_nms``) would keep both the part of an object a tile
-    cuts at its edge and the whole object in the next tile (a third of a box has IoU 0.33 with it); detections of
-    one tile are left as the detector's own NMS left them.
+    In score order, a detection takes in every detection not yet taken of the same class from another tile whose
+    intersection with it covers more than ``match_thresh`` of the smaller of the two boxes; its box becomes the
+    union of theirs, its score and class stay. Suppressing instead (NMS) would keep whichever scored higher, and
+    that can be the part of an object a tile cuts at its edge; IoU instead of intersection over smaller would
+    keep both that part and the whole object in the next tile (a third of a box has IoU 0.33 with it).
+    Detections of one tile stay as the detector's own NMS left them.
 
     Args:
         boxes: (N, 4) XYXY in the image's pixels; scores: (N,); labels: (N,); tiles: (N,) the tile of each.
+
+    Returns:
+        (K,) int64 indices into the inputs and (K, 4) XYXY merged boxes.
     """
     order = scores.argsort(descending=True, stable=True)
     boxes, labels, tiles = boxes[order], labels[order], tiles[order]
     area = box_area(boxes)
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    merged = boxes.clone()
+    taken = torch.zeros(len(order), dtype=torch.bool)
     for i in range(len(order)):
-        if suppressed[i]:
+        if taken[i]:
             continue
         rest = slice(i + 1, None)
         corners = torch.minimum(boxes[i, 2:], boxes[rest, 2:]) - torch.maximum(boxes[i, :2], boxes[rest, :2])
-        smaller = torch.minimum(area[i], area[rest]).clamp(min=1e-6)
-        ios = corners.clamp(min=0).prod(dim=1) / smaller
-        suppressed[rest] |= (labels[rest] == labels[i]) & (tiles[rest] != tiles[i]) & (ios > match_thresh)
-    return order[~suppressed]
+        ios = corners.clamp(min=0).prod(dim=1) / torch.minimum(area[i], area[rest]).clamp(min=1e-6)
+        match = ~taken[rest] & (labels[rest] == labels[i]) & (tiles[rest] != tiles[i]) & (ios > match_thresh)
+        if match.any():
+            group = boxes[rest][match]
+            merged[i, :2] = torch.minimum(boxes[i, :2], group[:, :2].amin(dim=0))
+            merged[i, 2:] = torch.maximum(boxes[i, 2:], group[:, 2:].amax(dim=0))
+            taken[rest] |= match
+    return order[~taken], merged[~taken]
 
 
 def _detect(model: nn.Module, image: Tensor, score_thresh: float,
@@ -155,7 +168,7 @@ def _detect(model: nn.Module, image: Tensor, score_thresh: float,
 
 def _detect_sliced(model: nn.Module, image: Tensor, score_thresh: float, limit: Optional[int],
                    slicing: Slicing) -> tuple[dict[str, Tensor], bool]:
-    """As :func:`_detect`, on the tiles of ``image`` merged by :func:`merge_tiles` and kept to the best ``limit``
+    """As :func:`_detect`, on the tiles of ``image`` merged by :func:`merge_tiles`, kept to the best ``limit``
     (boxes, scores, labels: masks are not pasted back). The limit counts as reached when a tile reached it
     or the merged detections exceed it."""
     grid = tile_grid(image.shape[-1], image.shape[-2], slicing.size, slicing.overlap)
@@ -170,10 +183,10 @@ def _detect_sliced(model: nn.Module, image: Tensor, score_thresh: float, limit: 
             parts.append((out["boxes"][keep] + shift, out["scores"][keep], out["labels"][keep],
                           torch.full((int(keep.sum()),), n)))
     boxes, scores, labels, tiles = (torch.cat([p[k].cpu() for p in parts]) for k in range(4))
-    keep = merge_tiles(boxes, scores, labels, tiles, slicing.match_thresh)
+    keep, merged = merge_tiles(boxes, scores, labels, tiles, slicing.match_thresh)
     if limit is not None and len(keep) > limit:
-        reached, keep = True, keep[:limit]
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}, reached
+        reached, keep, merged = True, keep[:limit], merged[:limit]
+    return {"boxes": merged, "scores": scores[keep], "labels": labels[keep]}, reached
 
 
 @torch.no_grad()

@@ -28,17 +28,15 @@ TILE_ANNOTATIONS = "annotations.json"
 
 
 def check_tiling(size: int, overlap: float) -> None:
-    """Raise unless ``size`` (px) and ``overlap`` (fraction of ``size``) make a grid that advances.
+    """Raise unless ``size`` (px) and ``overlap`` (fraction of ``size``) make a grid.
 
     Raises:
-        LGDError: ``size`` < 1, or ``overlap`` outside [0, 1) or so large that neighbouring tiles would start at
-            the same pixel.
+        LGDError: ``size`` < 1, or ``overlap`` outside [0, 1) (at 1, neighbouring tiles would never advance).
     """
     if size < 1:
         raise LGDError(f"the tile size must be at least 1 px, got {size}")
-    if not 0 <= overlap < 1 or size - int(overlap * size) < 1:
-        raise LGDError(f"the tile overlap must be a fraction in [0, 1) leaving a step of at least 1 px between "
-                       f"tiles of {size} px, got {overlap}")
+    if not 0 <= overlap < 1:
+        raise LGDError(f"the tile overlap must be a fraction of the tile size in [0, 1), got {overlap}")
 
 
 def _starts(length: int, size: int, step: int) -> list[int]:
