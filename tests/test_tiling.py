@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,8 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from lgd.cli import main
-from lgd.config import ModelConfig
+from lgd.cli import build_parser, main
+from lgd.config import ModelConfig, load_config
 from lgd.data import CocoDetection
 from lgd.data.tiling import tile_grid
 from lgd.detectors import build_detector
@@ -200,3 +201,15 @@ def test_lgd_predict_prints_the_limit_and_takes_max_detections_and_tiles(tmp_pat
     assert n == 40 and "the limit is 40 per image" in err
     assert main([*base, "--out", str(tmp_path / "o"), "--tile", "64", "--overlap", "1"]) == 2
     assert "overlap" in capsys.readouterr().err
+
+
+def test_the_readme_s_large_image_commands_are_valid():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("### Large images")[1].split("```bash\n")[1].split("```")[0].replace("\\\n", " ")
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith("lgd ")]
+    assert [c[1] for c in commands] == ["data", "data", "data", "data", "train", "export", "predict"]
+    for argv in commands:
+        args = build_parser().parse_args(argv[1:])
+        if args.command == "train":  # the overrides name config keys that exist, with values of their type
+            load_config(Path(__file__).parents[1] / args.config, args.overrides)
+    assert args.tile == 400 and args.overlap == 0.2 and args.max_detections == 1000
