@@ -92,31 +92,36 @@ def picture_names(paths: list[Path]) -> list[str]:
     return [f"{p.stem if stems[p.stem] == 1 else p.name}.png" for p in paths]
 
 
-def detection_limit(model: nn.Module) -> Optional[int]:
-    """The detections a torchvision detector keeps per image (``detections_per_img``: RetinaNet and FCOS hold it
-    themselves, the R-CNNs in their box head); None for a model without one."""
+def _limit_holder(model: nn.Module) -> Optional[nn.Module]:
+    """Where a torchvision detector holds ``detections_per_img``: RetinaNet and FCOS themselves, the R-CNNs in
+    their box head; None for a model without one."""
     head = model if hasattr(model, "detections_per_img") else getattr(model, "roi_heads", None)
-    limit = getattr(head, "detections_per_img", None)
-    return None if limit is None else int(limit)
+    return head if hasattr(head, "detections_per_img") else None
+
+
+def detection_limit(model: nn.Module) -> Optional[int]:
+    """The detections a torchvision detector keeps per image (``detections_per_img``); None for a model
+    without one."""
+    head = _limit_holder(model)
+    return None if head is None else int(head.detections_per_img)
 
 
 @contextlib.contextmanager
 def detections_per_img(model: nn.Module, limit: Optional[int]) -> Iterator[None]:
     """Let ``model`` keep ``limit`` detections per image (per tile when sliced) inside the block, then restore
     its own limit; nothing changes for ``limit`` None or a model without one."""
-    head = model if hasattr(model, "detections_per_img") else getattr(model, "roi_heads", None)
-    own = getattr(head, "detections_per_img", None)
-    if limit is None or own is None:
+    head = _limit_holder(model)
+    if limit is None or head is None:
         yield
         return
-    head.detections_per_img = limit
+    own, head.detections_per_img = head.detections_per_img, limit
     try:
         yield
     finally:
         head.detections_per_img = own
 
 
-def merge_tiles(boxes: Tensor, scores: Tensor, labels: Tensor, tiles: Tensor,
+def merge_tiles(boxes: Tensor, scores: Tensor, labels: Tensor, tiles: Tensor, grid: Tensor,
                 match_thresh: float) -> tuple[Tensor, Tensor]:
     """(indices of the detections kept, by decreasing score; their boxes after merging) of overlapping tiles'
     detections, by SAHI's default merge (greedy non-maximum merging, "GREEDYNMM", on intersection over smaller).
@@ -129,29 +134,53 @@ def merge_tiles(boxes: Tensor, scores: Tensor, labels: Tensor, tiles: Tensor,
     Detections of one tile stay as the detector's own NMS left them.
 
     Args:
-        boxes: (N, 4) XYXY in the image's pixels; scores: (N,); labels: (N,); tiles: (N,) the tile of each.
+        boxes: (N, 4) XYXY in the image's pixels; scores: (N,); labels: (N,); tiles: (N,) the tile of each, an
+            index into ``grid``: (T, 4) the tiles, XYXY in the image's pixels.
 
     Returns:
         (K,) int64 indices into the inputs and (K, 4) XYXY merged boxes.
     """
     order = scores.argsort(descending=True, stable=True)
     boxes, labels, tiles = boxes[order], labels[order], tiles[order]
-    area = box_area(boxes)
+    pairs = _matches(boxes, labels, tiles, grid, match_thresh)
     merged = boxes.clone()
     taken = torch.zeros(len(order), dtype=torch.bool)
-    for i in range(len(order)):
+    firsts, counts = pairs[:, 0].unique_consecutive(return_counts=True)
+    # only detections with a match take part; in score order, as the greedy merge visits them
+    for i, group in zip(firsts.tolist(), pairs[:, 1].split(counts.tolist())):
         if taken[i]:
             continue
-        rest = slice(i + 1, None)
-        corners = torch.minimum(boxes[i, 2:], boxes[rest, 2:]) - torch.maximum(boxes[i, :2], boxes[rest, :2])
-        ios = corners.clamp(min=0).prod(dim=1) / torch.minimum(area[i], area[rest]).clamp(min=1e-6)
-        match = ~taken[rest] & (labels[rest] == labels[i]) & (tiles[rest] != tiles[i]) & (ios > match_thresh)
-        if match.any():
-            group = boxes[rest][match]
-            merged[i, :2] = torch.minimum(boxes[i, :2], group[:, :2].amin(dim=0))
-            merged[i, 2:] = torch.maximum(boxes[i, 2:], group[:, 2:].amax(dim=0))
-            taken[rest] |= match
+        group = group[~taken[group]]
+        if len(group):
+            merged[i, :2] = torch.minimum(boxes[i, :2], boxes[group, :2].amin(dim=0))
+            merged[i, 2:] = torch.maximum(boxes[i, 2:], boxes[group, 2:].amax(dim=0))
+            taken[group] = True
     return order[~taken], merged[~taken]
+
+
+def _matches(boxes: Tensor, labels: Tensor, tiles: Tensor, grid: Tensor, match_thresh: float) -> Tensor:
+    """(P, 2) index pairs (i, j), i < j, sorted, of same-class detections of different tiles whose intersection
+    covers more than ``match_thresh`` of the smaller box. Each detection lies in its tile, so only tiles that
+    overlap are compared, block by block: a large image's tens of thousands of detections need no N x N matrix.
+
+    Args:
+        boxes: (N, 4) XYXY; labels: (N,); tiles: (N,) indices into ``grid``; grid: (T, 4) XYXY of the tiles.
+    """
+    area = box_area(boxes)
+    members = [torch.nonzero(tiles == t)[:, 0] for t in range(len(grid))]
+    touching = torch.minimum(grid[:, None, 2:], grid[None, :, 2:]) - torch.maximum(grid[:, None, :2], grid[None, :, :2])
+    found = [torch.zeros(0, 2, dtype=torch.int64)]
+    for t, u in (touching > 0).all(dim=2).triu(diagonal=1).nonzero().tolist():
+        a, b = members[t], members[u]
+        if not len(a) or not len(b):
+            continue
+        corners = (torch.minimum(boxes[a, None, 2:], boxes[None, b, 2:])
+                   - torch.maximum(boxes[a, None, :2], boxes[None, b, :2]))
+        ios = corners.clamp(min=0).prod(dim=2) / torch.minimum(area[a, None], area[None, b]).clamp(min=1e-6)
+        p, q = torch.nonzero((ios > match_thresh) & (labels[a, None] == labels[None, b]), as_tuple=True)
+        found.append(torch.stack([torch.minimum(a[p], b[q]), torch.maximum(a[p], b[q])], dim=1))
+    pairs = torch.cat(found)
+    return pairs[(pairs[:, 0] * len(boxes) + pairs[:, 1]).argsort()]
 
 
 def _detect(model: nn.Module, image: Tensor, score_thresh: float,
@@ -183,7 +212,8 @@ def _detect_sliced(model: nn.Module, image: Tensor, score_thresh: float, limit: 
             parts.append((out["boxes"][keep] + shift, out["scores"][keep], out["labels"][keep],
                           torch.full((int(keep.sum()),), n)))
     boxes, scores, labels, tiles = (torch.cat([p[k].cpu() for p in parts]) for k in range(4))
-    keep, merged = merge_tiles(boxes, scores, labels, tiles, slicing.match_thresh)
+    keep, merged = merge_tiles(boxes, scores, labels, tiles, torch.tensor(grid, dtype=boxes.dtype),
+                               slicing.match_thresh)
     if limit is not None and len(keep) > limit:
         reached, keep, merged = True, keep[:limit], merged[:limit]
     return {"boxes": merged, "scores": scores[keep], "labels": labels[keep]}, reached

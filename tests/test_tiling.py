@@ -151,10 +151,11 @@ def test_the_merge_grows_a_cut_box_to_the_whole_object_and_keeps_one_tile_s_and_
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     labels = torch.tensor([0, 0, 0, 1])
     tiles = torch.tensor([0, 0, 1, 1])
-    keep, merged = merge_tiles(boxes, scores, labels, tiles, 0.5)
+    grid = torch.tensor([[0, 0, 20, 20], [5, 0, 40, 20]], dtype=torch.float32)
+    keep, merged = merge_tiles(boxes, scores, labels, tiles, grid, 0.5)
     assert keep.tolist() == [0, 1, 3]
     assert merged.tolist() == [[8, 0, 30, 10], [10, 2, 18, 8], [8, 0, 30, 10]]
-    keep, _ = merge_tiles(boxes, scores, labels, tiles, 1.0)  # nothing covers more than all of a box
+    keep, _ = merge_tiles(boxes, scores, labels, tiles, grid, 1.0)  # nothing covers more than all of a box
     assert keep.tolist() == [0, 1, 2, 3]
 
 
@@ -213,3 +214,37 @@ def test_the_readme_s_large_image_commands_are_valid():
         if args.command == "train":  # the overrides name config keys that exist, with values of their type
             load_config(Path(__file__).parents[1] / args.config, args.overrides)
     assert args.tile == 400 and args.overlap == 0.2 and args.max_detections == 1000
+
+
+def _greedy_merge(boxes, scores, labels, tiles, thresh):
+    """The merge as its docstring says it, pair by pair: the reference for merge_tiles."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+    taken, kept = set(), []
+    for n, i in enumerate(order):
+        if i in taken:
+            continue
+        box = boxes[i].clone()
+        for j in order[n + 1:]:
+            if j in taken or labels[j] != labels[i] or tiles[j] == tiles[i]:
+                continue
+            wh = (torch.minimum(boxes[i, 2:], boxes[j, 2:]) - torch.maximum(boxes[i, :2], boxes[j, :2])).clamp(min=0)
+            smaller = min(float((boxes[k, 2:] - boxes[k, :2]).prod()) for k in (i, j))
+            if float(wh.prod()) / smaller > thresh:
+                taken.add(j)
+                box = torch.cat([torch.minimum(box[:2], boxes[j, :2]), torch.maximum(box[2:], boxes[j, 2:])])
+        kept.append((i, box.tolist()))
+    return kept
+
+
+def test_the_merge_is_the_greedy_merge_on_a_grid_of_tiles():
+    grid = torch.tensor(tile_grid(100, 80, 40, 0.25), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    tiles = torch.randint(0, len(grid), (300,), generator=g)
+    # boxes inside their tile, many of them in overlaps, two classes
+    x1y1 = grid[tiles, :2] + torch.rand(300, 2, generator=g) * 30
+    boxes = torch.cat([x1y1, torch.minimum(x1y1 + 2 + torch.rand(300, 2, generator=g) * 12, grid[tiles, 2:])], dim=1)
+    scores, labels = torch.rand(300, generator=g), torch.randint(0, 2, (300,), generator=g)
+    keep, merged = merge_tiles(boxes, scores, labels, tiles, grid, 0.5)
+    expected = _greedy_merge(boxes, scores, labels, tiles, 0.5)
+    assert keep.tolist() == [i for i, _ in expected] and len(keep) < 300
+    assert torch.allclose(merged, torch.tensor([b for _, b in expected]))

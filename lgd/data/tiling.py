@@ -161,7 +161,7 @@ def tile_dataset(root: Path, ann_file: Path, out: Path, size: int, overlap: floa
                 annotations.append({"id": len(annotations) + 1, "image_id": tile_id,
                                     "category_id": anns[i]["category_id"], "bbox": [bx1, by1, bx2 - bx1, by2 - by1],
                                     "area": (bx2 - bx1) * (by2 - by1), "iscrowd": int(crowd[i])})
-        report.tiles = len(images)
+    report.tiles = len(images)
     if with_masks:
         warnings.warn(f"left out the segmentations of {count(with_masks, 'annotation')} of {ann_file}: tiles carry "
                       f"boxes only", stacklevel=2)
