@@ -109,16 +109,27 @@ def detection_limit(model: nn.Module) -> Optional[int]:
 @contextlib.contextmanager
 def detections_per_img(model: nn.Module, limit: Optional[int]) -> Iterator[None]:
     """Let ``model`` keep ``limit`` detections per image (per tile when sliced) inside the block, then restore
-    its own limit; nothing changes for ``limit`` None or a model without one."""
+    its own limits; nothing changes for ``limit`` None or a model without one.
+
+    An R-CNN also keeps at least ``limit`` RPN proposals at test time (``model.rpn_proposals_test``, 1000 by
+    default), since with one class each proposal gives at most one detection and they would be the limit.
+    """
     head = _limit_holder(model)
     if limit is None or head is None:
         yield
         return
-    own, head.detections_per_img = head.detections_per_img, limit
+    rpn = getattr(model, "rpn", None)
+    tops = [rpn._pre_nms_top_n, rpn._post_nms_top_n] if rpn is not None else []
+    own = head.detections_per_img, [top["testing"] for top in tops]
+    head.detections_per_img = limit
+    for top in tops:
+        top["testing"] = max(top["testing"], limit)
     try:
         yield
     finally:
-        head.detections_per_img = own
+        head.detections_per_img = own[0]
+        for top, n in zip(tops, own[1]):
+            top["testing"] = n
 
 
 def merge_tiles(boxes: Tensor, scores: Tensor, labels: Tensor, tiles: Tensor, grid: Tensor,

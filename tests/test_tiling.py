@@ -248,3 +248,16 @@ def test_the_merge_is_the_greedy_merge_on_a_grid_of_tiles():
     expected = _greedy_merge(boxes, scores, labels, tiles, 0.5)
     assert keep.tolist() == [i for i, _ in expected] and len(keep) < 300
     assert torch.allclose(merged, torch.tensor([b for _, b in expected]))
+
+
+def test_max_detections_raises_an_r_cnn_s_proposals_too_for_the_run_only(tmp_path):
+    cfg = ModelConfig(arch="fasterrcnn", depth=18, fpn_channels=32, norm="bn", min_size=[64], max_size=128,
+                      rpn_proposals_test=50)
+    model = build_detector(cfg, 1).eval()
+    seen = []
+    model.rpn.register_forward_pre_hook(lambda rpn, _: seen.append((rpn.pre_nms_top_n(), rpn.post_nms_top_n())))
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    predict(model, {**META, "label_offset": 1}, tmp_path / "a.png", tmp_path / "out", 0.3, torch.device("cpu"),
+            progress=False, max_detections=300)
+    assert seen == [(300, 300)]
+    assert (model.rpn.pre_nms_top_n(), model.rpn.post_nms_top_n(), detection_limit(model)) == (50, 50, 100)
