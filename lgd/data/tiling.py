@@ -105,7 +105,8 @@ def clip_to_tile(xyxy: np.ndarray, tile: tuple[int, int, int, int]) -> tuple[np.
 def tile_dataset(root: Path, ann_file: Path, out: Path, size: int, overlap: float, min_fraction: float,
                  progress: bool = True) -> TileReport:
     """Cut every image of a COCO split into tiles of ``size`` px (:func:`tile_grid`) and write the tiles as a
-    COCO split: ``out/images/<image file path without extension>_<x1>_<y1>.png`` and ``out/annotations.json``.
+    COCO split: ``out/images/<image file path without extension>_<x1>_<y1>.png`` (with the extension where two
+    images share a path without it) and ``out/annotations.json``; ``x1``, ``y1`` are the tile's top-left corner.
 
     The split is read as training reads it (``CocoDetection``: structure checked, images opened and checked
     against their records, unusable and duplicate boxes dropped, boxes clipped to their image). In each tile,
