@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write detections.json (every detection scoring at least the threshold) and one PNG per "
                                    "image: one class-coloured box per object with its class name and score, "
                                    "small images drawn upscaled. An image that cannot be read is reported and "
-                                   "skipped; exit status 1 then, 0 when every image was predicted.")
+                                   "skipped; exit status 1 then, 0 when every image was predicted. Large images: "
+                                   "--tile predicts overlapping tiles and merges them.")
     p.add_argument("input", help="an image file or a folder of images (its top level; hidden files are left out)")
     p.add_argument("--model", required=True, help="a student written by `lgd export`")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overlap", type=float, default=0.2, help="fraction of the side neighbouring tiles share "
                                                               "(default 0.2)")
     s.add_argument("--min-fraction", type=float, default=0.5,
-                   help="a clipped box stays in a tile when this fraction of its area lies inside (default 0.5)")
+                   help="a box cut by a tile stays there when at least this fraction of it is inside (default 0.5)")
     s.add_argument("--out", required=True, help="output folder")
     _no_progress(s)
     s = data_sub.add_parser("stats", help="images, objects, class histogram and object sizes of a split (+ PNG)",
