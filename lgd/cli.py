@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, metavar="SIZE",
                    help="large images: predict tiles of SIZE x SIZE px, each at its own resolution, and merge them "
                         "(default: the whole image, resized to the model's input size)")
-    p.add_argument("--overlap", type=float, default=0.2, help="with --tile: the fraction of SIZE neighbouring tiles "
+    p.add_argument("--overlap", type=float, help="with --tile: the fraction of SIZE neighbouring tiles "
                                                               "share (default 0.2)")
-    p.add_argument("--merge-thresh", type=float, default=0.5,
+    p.add_argument("--merge-thresh", type=float,
                    help="with --tile: boxes of one class from two tiles are one object when their intersection covers "
                         "more than this fraction of the smaller box (default 0.5)")
     _no_progress(p)
@@ -301,7 +301,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model.to(device)
     out = Path(args.out)
-    slicing = Slicing(args.tile, args.overlap, args.merge_thresh) if args.tile is not None else None
+    if args.tile is None and (args.overlap is not None or args.merge_thresh is not None):
+        print("lgd: error: --overlap and --merge-thresh shape the tiles of --tile SIZE; give --tile too",
+              file=sys.stderr)
+        return 2
+    given = {k: v for k, v in (("overlap", args.overlap), ("match_thresh", args.merge_thresh)) if v is not None}
+    slicing = None if args.tile is None else Slicing(args.tile, **given)
     result = predict(model, meta, Path(args.input), out, args.score_thresh, device, progress=_progress(args),
                      max_detections=args.max_detections, slicing=slicing)
     for note in result.limited:

@@ -202,6 +202,8 @@ def test_lgd_predict_prints_the_limit_and_takes_max_detections_and_tiles(tmp_pat
     assert n == 40 and "the limit is 40 per image" in err
     assert main([*base, "--out", str(tmp_path / "o"), "--tile", "64", "--overlap", "1"]) == 2
     assert "overlap" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "o"), "--overlap", "0.3"]) == 2  # tiles' shape without tiles
+    assert "give --tile too" in capsys.readouterr().err
 
 
 def test_the_readme_s_large_image_commands_are_valid():
