@@ -301,7 +301,8 @@ def cmd_config(args: argparse.Namespace) -> None:
 
     if args.config or args.overrides:
         cfg = _load(args)
-        print(f"# resolved from: {cfg.source}\n{dump_config(cfg)}", end="")
+        scaled = f"# scaled with solver.max_iter: {cfg.scaled}\n" if cfg.scaled else ""
+        print(f"# resolved from: {cfg.source}\n{scaled}{dump_config(cfg)}", end="")
     else:
         print(describe())
 
