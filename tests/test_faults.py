@@ -35,7 +35,8 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
     end = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
-            pytest.fail(f"lgd train ended (status {proc.returncode}) too early:\n{proc.stderr.read()[-3000:]}")
+            output = proc.stderr.read()[-3000:] if proc.stderr else "(its output went to a pipe the test reads not)"
+            pytest.fail(f"lgd train ended (status {proc.returncode}) too early:\n{output}")
         if time.monotonic() > end:
             proc.kill()
             pytest.fail("timed out waiting for lgd train")
@@ -274,3 +275,31 @@ def test_a_process_that_trained_with_loader_workers_exits(tiny_config, tmp_path)
     except subprocess.TimeoutExpired:
         pytest.fail("the process did not exit after training")
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_sigint_to_the_process_group_with_the_reader_gone_checkpoints_and_exits_130(tiny_config, tmp_path):
+    """`lgd train ... 2>&1 | tee log` and Ctrl-C: the terminal's SIGINT reaches the whole process group, tee dies
+    of it, and lgd's next line meets a closed pipe. That line (the signal's announcement) aborted the step before
+    its checkpoint, and the exit status said success (issue 26)."""
+    run = tmp_path / "piped"
+    config = tmp_path / "piped.yaml"
+    save_config(tiny_config(f"output_dir={run}", "solver.max_iter=100000", "checkpoint_period=100000",
+                            "log_period=1", "eval_period=0"), config)
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "lgd", "train", "-c", str(config), "--no-progress"], cwd=REPO,
+                            env=ENV, stdout=write, stderr=write, start_new_session=True)
+    os.close(write)
+    try:
+        _wait_for(proc, lambda: (run / "metrics.jsonl").is_file() and '"train"' in (run / "metrics.jsonl").read_text())
+        assert not (run / CHECKPOINT).exists()
+        os.close(read)  # the reader goes first, as tee does when the group's SIGINT reaches it
+        read = None
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=240) == 130
+    finally:
+        if read is not None:
+            os.close(read)
+        if proc.poll() is None:
+            proc.kill()
+    stopped = load_checkpoint(run / CHECKPOINT)["iteration"]
+    assert 1 <= stopped < 100000
