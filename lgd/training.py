@@ -27,7 +27,8 @@ from lgd.errors import ConfigError
 from lgd.evaluation import EvalResult, check_categories, dataset_categories
 from lgd.evaluation.evaluator import evaluate
 from lgd.events import MetricsLog, truncate_metrics
-from lgd.hooks import MetricsWriter, ModelSchedule, NanPolicy, PeriodicCheckpoint, PeriodicEval, StopOnSignal
+from lgd.hooks import (CheckpointOnDataError, MetricsWriter, ModelSchedule, NanPolicy, PeriodicCheckpoint, PeriodicEval,
+                       StopOnSignal)
 from lgd.loss_monitor import DegenerateLossMonitor, DivergenceMonitor
 from lgd.signals import ignore_stop_signals
 from lgd.solver import Optimization, build_optimization, linear_lr_scale
@@ -91,7 +92,8 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
     hooks = [ModelSchedule(), NanPolicy(cfg.solver.nan_policy, checkpointer, log),
              MetricsWriter(log, cfg.log_period, [DegenerateLossMonitor(cfg.model.arch), DivergenceMonitor()]),
              validation,
-             StopOnSignal(checkpointer), PeriodicCheckpoint(checkpointer, cfg.checkpoint_period)]
+             StopOnSignal(checkpointer), PeriodicCheckpoint(checkpointer, cfg.checkpoint_period),
+             CheckpointOnDataError(checkpointer)]
     trainer = Trainer(model, stepper, batches, ctx, start, cfg.solver.max_iter, hooks, progress)
     try:
         trainer.run()

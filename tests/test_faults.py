@@ -17,7 +17,7 @@ from lgd import checkpoint, training
 from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
 from lgd.config import save_config
 from lgd.distiller import LGD
-from lgd.errors import TrainingError
+from lgd.errors import DatasetError, TrainingError
 from lgd.signals import StopSignals, TrainingInterrupted, ignore_stop_signals
 from lgd.step import Stepper
 from lgd.training import train
@@ -303,3 +303,32 @@ def test_sigint_to_the_process_group_with_the_reader_gone_checkpoints_and_exits_
             proc.kill()
     stopped = load_checkpoint(run / CHECKPOINT)["iteration"]
     assert 1 <= stopped < 100000
+
+
+def test_an_image_that_cannot_be_decoded_mid_run_stops_after_a_checkpoint(tiny_config, synth_root, tmp_path):
+    """A training image truncated on disk is first read at iteration 4: the run stops there with the file named
+    and a checkpoint of the 3 steps done (none was due), and resumes once the file is whole again (issue 26)."""
+    import shutil
+
+    from lgd.builders import build_dataset
+    from lgd.data.loader import TrainBatchSampler, _aspect_ratios
+
+    images = tmp_path / "train"
+    shutil.copytree(synth_root / "train", images)
+    cfg = tiny_config(f"data.train.root={images}", "solver.max_iter=6", "checkpoint_period=1000")
+    dataset = build_dataset(cfg, "train", train=True)
+    batches = iter(TrainBatchSampler(_aspect_ratios(dataset), cfg.data.batch_size, cfg.seed))
+    seen = {idx for _ in range(3) for idx, _ in next(batches)}
+    bad = images / dataset.image_info(next(idx for idx, _ in next(batches) if idx not in seen))["file_name"]
+    whole = bad.read_bytes()
+    bad.write_bytes(whole[:len(whole) // 2])
+
+    with pytest.raises(DatasetError, match=rf"{bad.name} cannot be read: .*truncated.*Stopped before iteration 4 and "
+                                           r"wrote .*model_0000003\.pth; fix or replace the file and continue with "
+                                           r"the same command and --resume"):
+        train(cfg, progress=False)
+    assert load_checkpoint(Path(cfg.output_dir) / CHECKPOINT)["iteration"] == 3
+
+    bad.write_bytes(whole)
+    train(cfg, resume=True, progress=False)
+    assert load_checkpoint(Path(cfg.output_dir) / FINAL)["iteration"] == 6
