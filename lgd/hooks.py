@@ -9,14 +9,14 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 from lgd import distributed
 from lgd.checkpoint import Checkpointer
-from lgd.errors import TrainingError
+from lgd.errors import DatasetError, TrainingError, user_message
 from lgd.evaluation import EvalResult, teacher_ahead
 from lgd.events import MetricsLog
-from lgd.loss_monitor import DegenerateLossMonitor
+from lgd.loss_monitor import DegenerateLossMonitor, DivergenceMonitor
 from lgd.signals import TrainingInterrupted
 from lgd.train_loop import Hook, Trainer
 
@@ -61,12 +61,14 @@ class MetricsWriter(Hook):
     learning rates and the seconds per iteration (mean over the steps since the last record, evaluations and
     checkpoints left out), to metrics.jsonl / TensorBoard and the progress bar — or, without
     a progress bar (``--no-progress``, a log file), as a printed line every ``5 * period`` iterations. The same
-    values go to ``monitor``, whose warnings (a loss term stuck at a degenerate value) are printed."""
+    values go to each of ``monitors``, whose warnings (a loss term stuck at a degenerate value, a diverging loss)
+    are printed."""
 
-    def __init__(self, log: Optional[MetricsLog], period: int, monitor: Optional[DegenerateLossMonitor] = None) -> None:
+    def __init__(self, log: Optional[MetricsLog], period: int,
+                 monitors: Sequence[Union[DegenerateLossMonitor, DivergenceMonitor]] = ()) -> None:
         self.log = log
         self.period = period
-        self.monitor = monitor
+        self.monitors = monitors
         self.started = time.perf_counter()
         self.busy, self.steps = 0.0, 0
 
@@ -90,8 +92,8 @@ class MetricsWriter(Hook):
             if trainer.bar.disable and (done % (5 * self.period) == 0 or done == trainer.max_iter):
                 trainer.say(f"iter {done}/{trainer.max_iter}: loss {float(step.total):.3f}, lr {lrs[0]:.3g}, "
                             f"{seconds_per_iter:.2f} s/iter")
-        if self.monitor is not None:
-            for message in self.monitor.update(done, values):
+        for monitor in self.monitors:
+            for message in monitor.update(done, values):
                 trainer.say(f"lgd: warning: {message}")
 
 
@@ -144,6 +146,33 @@ class StopOnSignal(Hook):
         if trainer.result.stop and done < trainer.max_iter:
             signum = trainer.signals.received or signal.SIGTERM  # none here: another rank's, reported as SIGTERM
             raise TrainingInterrupted(signum, done, self.checkpointer.save(done), trainer.ctx.is_main)
+
+
+class CheckpointOnDataError(Hook):
+    """A checkpoint before a batch that cannot be loaded stops the run (issue 26): what trained since the last
+    periodic checkpoint is kept, and once the file is fixed, ``--resume`` reads the same batch again and continues
+    exactly. The error is raised again with the checkpoint named.
+
+    A single process only: under torchrun the other processes are already in the next step's collectives, which
+    a checkpoint (itself collective) would block; there the last periodic checkpoint is what resumes.
+    """
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def on_data_error(self, trainer: Trainer, error: DatasetError) -> None:
+        done = trainer.iteration  # steps completed; the failed batch is that of iteration ``done`` (0-based)
+        error = user_message(error)  # without the DataLoader worker's traceback
+        if trainer.ctx.distributed:
+            raise DatasetError(f"{error}. Stopped before iteration {done + 1}; fix or replace the file and resume "
+                               f"from the last periodic checkpoint with the same command and --resume") from None
+        if done == trainer.start:
+            raise DatasetError(f"{error}. Stopped before iteration {done + 1}, with nothing trained since "
+                               f"{'the last checkpoint' if done else 'the start'}; fix or replace the file and run "
+                               f"the same command{' with --resume' if done else ''}") from None
+        path = self.checkpointer.save(done)
+        raise DatasetError(f"{error}. Stopped before iteration {done + 1} and wrote {path}; fix or replace the "
+                           f"file and continue with the same command and --resume") from None
 
 
 class PeriodicCheckpoint(Hook):

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from lgd.builders import to_device
 from lgd.distributed import Context
+from lgd.errors import DatasetError
 from lgd.signals import StopSignals
 from lgd.solver import Optimization
 from lgd.step import Stepper, StepResult
@@ -40,6 +41,10 @@ class Hook:
 
     def after_train(self, trainer: Trainer) -> None:
         """After the last iteration, still under ``StopSignals``."""
+
+    def on_data_error(self, trainer: Trainer, error: DatasetError) -> None:
+        """When the batch of ``trainer.iteration`` could not be loaded (an image that cannot be decoded): the
+        model is as the last step left it. The loop raises ``error`` after every hook, unless a hook raises."""
 
 
 class Trainer:
@@ -72,7 +77,8 @@ class Trainer:
             self.bar.write(message)
 
     def run(self) -> None:
-        """Every iteration; raises what a hook raises (TrainingError, TrainingInterrupted) after the step."""
+        """Every iteration; raises what a hook raises (TrainingError, TrainingInterrupted) after the step, and
+        the DatasetError of a batch that could not be loaded (after ``on_data_error``)."""
         self.stepper.net.train()
         for hook in self.hooks:
             hook.before_train(self)
@@ -82,7 +88,13 @@ class Trainer:
                 self.iteration = it
                 for hook in self.hooks:
                     hook.before_step(self)
-                images, targets = to_device(*next(self.batches), self.ctx.device)
+                try:
+                    batch = next(self.batches)
+                except DatasetError as error:
+                    for hook in self.hooks:
+                        hook.on_data_error(self, error)
+                    raise
+                images, targets = to_device(*batch, self.ctx.device)
                 self.result = self.stepper(images, targets, stop_requested=signals.received is not None)
                 self.bar.update(1)
                 for hook in self.hooks:

@@ -27,10 +27,11 @@ from lgd.errors import ConfigError
 from lgd.evaluation import EvalResult, check_categories, dataset_categories
 from lgd.evaluation.evaluator import evaluate
 from lgd.events import MetricsLog, truncate_metrics
-from lgd.hooks import MetricsWriter, ModelSchedule, NanPolicy, PeriodicCheckpoint, PeriodicEval, StopOnSignal
-from lgd.loss_monitor import DegenerateLossMonitor
+from lgd.hooks import (CheckpointOnDataError, MetricsWriter, ModelSchedule, NanPolicy, PeriodicCheckpoint, PeriodicEval,
+                       StopOnSignal)
+from lgd.loss_monitor import DegenerateLossMonitor, DivergenceMonitor
 from lgd.signals import ignore_stop_signals
-from lgd.solver import Optimization, build_optimization
+from lgd.solver import Optimization, build_optimization, linear_lr_scale
 from lgd.step import Stepper
 from lgd.summary import training_summary
 from lgd.train_loop import Trainer
@@ -65,7 +66,8 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
         if cfg.model.sync_bn and ctx.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(ctx.device)
-        optimization = build_optimization(model.optimizer_groups(), cfg.solver)
+        optimization = build_optimization(model.optimizer_groups(), cfg.solver,
+                                          linear_lr_scale(cfg.data.batch_size, cfg.solver.reference_batch_size))
         distributed.share_from_main(ctx, lambda: check_free_space(out, 2 * checkpoint_bytes(model, optimization)))
         ckpt = _resume(cfg, ctx, out, model, optimization) if resume else None
     start = ckpt["iteration"] if ckpt is not None else 0
@@ -88,8 +90,10 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
         else None
     validation = PeriodicEval(evaluate_val, log, cfg.eval_period, evaluate_teacher)
     hooks = [ModelSchedule(), NanPolicy(cfg.solver.nan_policy, checkpointer, log),
-             MetricsWriter(log, cfg.log_period, DegenerateLossMonitor(cfg.model.arch)), validation,
-             StopOnSignal(checkpointer), PeriodicCheckpoint(checkpointer, cfg.checkpoint_period)]
+             MetricsWriter(log, cfg.log_period, [DegenerateLossMonitor(cfg.model.arch), DivergenceMonitor()]),
+             validation,
+             StopOnSignal(checkpointer), PeriodicCheckpoint(checkpointer, cfg.checkpoint_period),
+             CheckpointOnDataError(checkpointer)]
     trainer = Trainer(model, stepper, batches, ctx, start, cfg.solver.max_iter, hooks, progress)
     try:
         trainer.run()
