@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from lgd.config import LGDConfig, ModelConfig, load_config
-from lgd.detectors import build_detector, set_test_size
+from lgd.detectors import VIEWS, build_detector, set_test_size
 from lgd.distiller import LGD
 from lgd.solver import make_optimizer
 from lgd.files import to_json
@@ -83,15 +83,15 @@ def training_peak_mib(model_cfg: ModelConfig, num_classes: int, lgd: bool, lgd_c
 
 def make_batch(arch: str, num_images: int, size: int, objects: int, num_classes: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    offset = 1 if arch in ("fasterrcnn", "maskrcnn") else 0
+    view = VIEWS[arch]
     images, targets = [], []
     for _ in range(num_images):
         images.append(torch.rand(3, size, size, generator=g))
         xy = torch.rand(objects, 2, generator=g) * size * 0.7
         wh = 8 + torch.rand(objects, 2, generator=g) * size * 0.25
         boxes = torch.cat([xy, xy + wh], 1).clamp(max=size - 1)
-        target = {"boxes": boxes, "labels": torch.randint(0, num_classes, (objects,), generator=g) + offset}
-        if arch == "maskrcnn":  # box-shaped instance masks
+        target = {"boxes": boxes, "labels": torch.randint(0, num_classes, (objects,), generator=g) + view.label_offset}
+        if view.has_masks:  # box-shaped instance masks
             target["masks"] = torch.zeros(objects, size, size, dtype=torch.uint8)
             for i, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
                 target["masks"][i, y1:y2 + 1, x1:x2 + 1] = 1
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, arch, extra in REFERENCE_BACKBONES:
             cfg = ModelConfig(arch=arch, fpn_channels=256, norm="frozen_bn", min_size=[256], max_size=256, **extra)
             steps[f"{name} 256x256, batch 1, K=80, 10 obj/img"] = step_ratio(
-                cfg, 80, LGDConfig(pre_distill_iters=0, mask_guided=arch == "maskrcnn"),
+                cfg, 80, LGDConfig(pre_distill_iters=0, mask_guided=VIEWS[arch].has_masks),
                 make_batch(arch, 1, 256, 10, 80), repeats)
         bench = load_config(args.bench_config)
         size = bench.model.min_size[0]

@@ -1,7 +1,15 @@
-"""LGD: label-guided self-distillation for torchvision object detectors."""
-from lgd.config import Config, load_config
-from lgd.detectors import build_detector
-from lgd.distiller import LGD
+"""LGD: label-guided self-distillation for torchvision object detectors.
 
-__all__ = ["LGD", "Config", "build_detector", "load_config"]
+Each name is imported on first use (``lgd.lazy``), so ``import lgd.config`` loads no torch.
+"""
+from lgd.lazy import lazy_exports
+
+_EXPORTS = {
+    "Config": "lgd.config",
+    "load_config": "lgd.config",
+    "build_detector": "lgd.detectors",
+    "LGD": "lgd.distiller",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

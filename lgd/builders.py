@@ -79,12 +79,13 @@ def build_dataset(cfg: Config, split: str, train: bool) -> CocoDetection:
     """A split as a dataset in the detector's label convention; ``train``: augmented, images without objects
     dropped when ``data.filter_empty``."""
     root, ann = split_paths(cfg, split)
+    view = VIEWS[cfg.model.arch]
     return CocoDetection(
         root,
         ann,
         transforms=build_transforms(train, cfg.data.hflip_prob),
-        label_offset=VIEWS[cfg.model.arch].label_offset,
-        with_masks=cfg.model.arch == "maskrcnn",
+        label_offset=view.label_offset,
+        with_masks=view.has_masks,
         filter_empty=train and cfg.data.filter_empty,
     )
 

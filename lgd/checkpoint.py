@@ -16,7 +16,7 @@ from torch import nn
 
 from lgd import distributed
 from lgd.atomic import atomic_write
-from lgd.config import Config, config_from_dict, flatten, to_dict
+from lgd.config import Config, config_from_dict, flatten, runtime_keys, to_dict
 from lgd.detectors.weights import is_lgd_state, student_state
 from lgd.distributed import Context
 from lgd.errors import LGDError, TrainingError, count
@@ -27,11 +27,7 @@ from lgd.trainable import Trainable
 CHECKPOINT = "last.pth"  # always the newest checkpoint (a hard link to the newest numbered one where possible)
 FINAL = "model_final.pth"
 NUMBERED = re.compile(r"model_(\d{7})\.pth")
-# Keys that may change between a run and its --resume: where and how fast it runs, not what it computes. The FGFI
-# teacher may move: the checkpoint's teacher_sha256 decides whether it is the same file (lgd/fgfi.py).
 RESUME_KEYS_SHOWN = 8  # differing keys a refused --resume lists with their values; the rest are counted
-RUNTIME_KEYS = ("output_dir", "device", "threads", "data.workers", "keep_checkpoints", "checkpoint_period",
-                "log_period", "eval_period", "solver.nan_policy", "fgfi.teacher")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -164,7 +160,8 @@ def load_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
         raise LGDError(f"--resume: no checkpoint at {path}; start without --resume")
     ckpt = load_checkpoint(path)
     saved, now = flatten(to_dict(config_from_dict(ckpt["config"]))), flatten(to_dict(cfg))
-    differ = [k for k, v in now.items() if k not in RUNTIME_KEYS and saved[k] != v]
+    runtime = runtime_keys()
+    differ = [k for k, v in now.items() if k not in runtime and saved[k] != v]
     if differ:
         longer = ("; a finished schedule cannot be extended (its LR steps and LGD windows are placed by "
                   "solver.max_iter): train a new run from it with model.weights=" + str(path.parent / FINAL) + ")"

@@ -11,7 +11,8 @@ import torch
 import torchvision
 
 from lgd import __version__
-from lgd.data.formats import FORMATS
+from lgd.choices import FORMATS
+from lgd.config import SynthConfig
 from lgd.errors import LGDError, count, user_message
 from lgd.evaluation import EvalResult, format_percent, teacher_ahead
 from lgd.files import to_json
@@ -113,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "The data.synth.* config keys set its difficulty; this tool writes the "
                                         "default configuration.")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--seed", type=int, default=0, help="seed (default 0); splits use seeds derived from it")
-    s.add_argument("--train", type=int, default=800, help="training images (default 800)")
-    s.add_argument("--val", type=int, default=200, help="validation images (default 200)")
-    s.add_argument("--test", type=int, default=200, help="test images (default 200)")
-    s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    synth = SynthConfig()  # the tool writes the dataset that data.synth.* gives by default
+    s.add_argument("--seed", type=int, default=synth.seed,
+                   help=f"seed (default {synth.seed}); splits use seeds derived from it")
+    s.add_argument("--train", type=int, default=synth.num_train, help=f"training images (default {synth.num_train})")
+    s.add_argument("--val", type=int, default=synth.num_val, help=f"validation images (default {synth.num_val})")
+    s.add_argument("--test", type=int, default=synth.num_test, help=f"test images (default {synth.num_test})")
+    s.add_argument("--size", type=int, default=synth.size, help=f"image side in pixels (default {synth.size})")
     _no_progress(s)
     s = data_sub.add_parser("convert", help="convert Pascal VOC, YOLO, CrowdHuman or CSV annotations to a COCO JSON",
                             description="Write a COCO instances JSON and print the data.<split>.root/ann to train "

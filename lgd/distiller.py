@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from lgd.choices import DISTILL_REGIONS
 from lgd.config import LGDConfig
 from lgd.detectors import DetectorView, Targets, view_of
 from lgd.solver import OptimizerGroup
 from lgd.teacher import ImplicitTeacher, TeacherOutput
-from lgd.teacher.teacher import DISTILL_REGIONS
 from lgd.trainable import Trainable
 
 

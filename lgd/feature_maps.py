@@ -24,7 +24,6 @@ from lgd.builders import to_device
 from lgd.config import Config, distill_method
 from lgd.data import CocoDetection
 from lgd.detectors import set_test_size, view_of
-from lgd.detectors.views import OneStageView
 from lgd.distiller import LGD
 from lgd.errors import DatasetError, LGDError
 from lgd.fgfi import batch_masks, mask_anchors
@@ -83,7 +82,7 @@ def _cropped(maps: list[Tensor], image_list: ImageList) -> list[Tensor]:
 
 def level_names(model: Trainable, count: int) -> list[str]:
     """P3.. for RetinaNet / FCOS, P2.. for the R-CNNs."""
-    first = 3 if isinstance(view_of(model.student), OneStageView) else 2
+    first = 3 if view_of(model.student).one_stage else 2
     return [f"P{first + i}" for i in range(count)]
 
 

@@ -26,7 +26,7 @@ from torchvision.ops import box_iou
 
 from lgd.config import FGFIConfig, ModelConfig, config_from_dict
 from lgd.detectors import DetectorView, Targets, build_detector, view_of
-from lgd.detectors.build import retinanet_anchors
+from lgd.detectors.views import retinanet_anchors
 from lgd.detectors.weights import student_state
 from lgd.errors import LGDError
 from lgd.export import FORMAT, build_student

@@ -100,3 +100,29 @@ def test_demo_baseline_is_the_demo_recipe_without_lgd():
     assert demo["lgd"].pop("enabled") and not baseline["lgd"].pop("enabled")
     assert demo.pop("output_dir") != baseline.pop("output_dir")
     assert demo == baseline
+
+
+def test_importing_the_config_loads_no_torch_torchvision_or_pycocotools():
+    import subprocess
+    import sys
+
+    code = ("import lgd.config, sys; heavy = [m for m in ('torch', 'torchvision', 'pycocotools') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_choices_name_what_the_registries_hold():
+    from lgd import choices
+    from lgd.detectors import VIEWS
+    from lgd.detectors.backbones import BACKBONES
+
+    assert tuple(VIEWS) == choices.ARCHS
+    assert tuple(a for a, view in VIEWS.items() if view.has_masks) == choices.MASK_ARCHS
+    assert tuple(BACKBONES) == choices.BACKBONE_NAMES
+
+
+def test_runtime_keys_are_where_and_how_fast_a_run_runs():
+    from lgd.config import runtime_keys
+
+    assert runtime_keys() == {"output_dir", "device", "threads", "data.workers", "keep_checkpoints",
+                              "checkpoint_period", "log_period", "eval_period", "solver.nan_policy", "fgfi.teacher"}

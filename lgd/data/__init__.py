@@ -1,28 +1,20 @@
-"""Datasets, transforms and loaders."""
+"""Datasets, transforms and loaders. Each name is imported on first use (``lgd.lazy``): ``lgd.config`` reads
+``lgd.data.difficulty`` without loading torch."""
+from lgd.lazy import lazy_exports
 
-from lgd.data.coco import CocoDetection
-from lgd.data.loader import TrainBatchSampler, build_eval_loader, build_train_loader, collate
-from lgd.data.synthetic import (
-    CLASS_NAMES,
-    Difficulty,
-    builtin_dataset_name,
-    default_cache_dir,
-    ensure_builtin_dataset,
-    write_synthetic,
-)
-from lgd.data.transforms import build_transforms
-
-__all__ = [
-    "CLASS_NAMES",
-    "CocoDetection",
-    "Difficulty",
-    "TrainBatchSampler",
-    "build_eval_loader",
-    "build_train_loader",
-    "build_transforms",
-    "builtin_dataset_name",
-    "collate",
-    "default_cache_dir",
-    "ensure_builtin_dataset",
-    "write_synthetic",
-]
+_EXPORTS = {
+    "CocoDetection": "lgd.data.coco",
+    "TrainBatchSampler": "lgd.data.loader",
+    "build_eval_loader": "lgd.data.loader",
+    "build_train_loader": "lgd.data.loader",
+    "collate": "lgd.data.loader",
+    "CLASS_NAMES": "lgd.data.difficulty",
+    "Difficulty": "lgd.data.difficulty",
+    "builtin_dataset_name": "lgd.data.synthetic",
+    "default_cache_dir": "lgd.data.synthetic",
+    "ensure_builtin_dataset": "lgd.data.synthetic",
+    "write_synthetic": "lgd.data.synthetic",
+    "build_transforms": "lgd.data.transforms",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

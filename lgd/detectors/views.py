@@ -1,20 +1,28 @@
 """One small view per torchvision detector family: what LGD needs to know of a detector, in one place.
 
-LGD never subclasses or patches a detector. What differs between detectors — how to get the FPN features, how to
-run the head's loss (or inference) on *other* features such as the teacher's — lives in a ``DetectorView`` here,
-so the teacher, the distiller and the training loop stay generic. ``VIEWS`` is the one registry, keyed by the
-``model.arch`` names; ``view_of`` finds the view of a detector instance.
+LGD never subclasses or patches a detector. What differs between detectors — how to build one from the config,
+whether it is one-stage and predicts masks, how to get the FPN features, how to run the head's loss (or inference)
+on *other* features such as the teacher's — lives in a ``DetectorView`` here, so the teacher, the distiller, the
+data and the training loop stay generic. ``VIEWS`` is the one registry, keyed by the ``model.arch`` names
+(``lgd.choices.ARCHS``); ``view_of`` finds the view of a detector instance. Adding a detector is one view here and
+its name in ``lgd.choices``.
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
+
+from lgd.config import ModelConfig
 
 Targets = list[dict[str, Tensor]]
 
@@ -26,8 +34,15 @@ class DetectorView:
     """
 
     detector_type: type[nn.Module]  # the torchvision class a registered view serves (and its subclasses)
-    label_offset: int = 0
+    one_stage: bool  # dense head on P3-P7 (RetinaNet, FCOS), or RPN and ROI heads on P2-P6 (R-CNNs)
+    has_masks: bool = False  # predicts instance masks: its targets carry them, evaluation scores segm too
+    label_offset: int = 0  # 1: class 0 is the background and the dataset's labels start at 1
     reference: dict[str, bool] = {}
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, backbone: nn.Module, num_classes: int) -> nn.Module:
+        """A new torchvision detector of this family on ``backbone`` for ``num_classes`` foreground classes."""
+        raise NotImplementedError
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -78,6 +93,17 @@ class DetectorView:
         raise NotImplementedError
 
 
+def _sizes(cfg: ModelConfig) -> dict[str, Any]:
+    """The resize and output-count arguments every torchvision detector takes."""
+    return dict(min_size=tuple(cfg.min_size), max_size=cfg.max_size, detections_per_img=cfg.detections_per_img)
+
+
+def retinanet_anchors(sizes: list[int]) -> AnchorGenerator:
+    """RetinaNet's anchors: per FPN level, base size x 2^(0, 1/3, 2/3) and aspect ratios 0.5, 1, 2 (9 per location)."""
+    octave = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes)
+    return AnchorGenerator(octave, ((0.5, 1.0, 2.0),) * len(octave))
+
+
 def _frozen_call(module: nn.Module, *args):
     """``module(*args)`` with its parameters detached: gradients reach the inputs, never the parameters."""
     return functional_call(module, {n: p.detach() for n, p in module.named_parameters()}, args)
@@ -92,6 +118,7 @@ class OneStageView(DetectorView):
     """RetinaNet and FCOS: the head is per-image (no batch statistics), so the student's and the
     teacher's features go through it as one batch and their outputs are split afterwards."""
 
+    one_stage = True
     label_offset = 0
 
     def _compute_loss(self, targets: Targets, outputs: dict[str, Tensor], anchors: list[Tensor],
@@ -132,6 +159,19 @@ class RetinaNetView(OneStageView):
     detector_type = RetinaNet
     reference = {"context_box": True, "detach_appearance": False}
 
+    @classmethod
+    def build(cls, cfg, backbone, num_classes):
+        model = RetinaNet(backbone, num_classes, score_thresh=cfg.score_thresh,
+                          anchor_generator=retinanet_anchors(cfg.anchor_sizes), **_sizes(cfg))
+        if cfg.head_norm == "gn":
+            model.head = RetinaNetHead(
+                backbone.out_channels,
+                model.anchor_generator.num_anchors_per_location()[0],
+                num_classes,
+                norm_layer=functools.partial(nn.GroupNorm, 32),
+            )
+        return model
+
     def _compute_loss(self, targets, outputs, anchors, features):
         return self.model.compute_loss(targets, outputs, anchors)
 
@@ -139,6 +179,10 @@ class RetinaNetView(OneStageView):
 class FCOSView(OneStageView):
     detector_type = FCOS
     reference = {"context_box": False, "detach_appearance": False}
+
+    @classmethod
+    def build(cls, cfg, backbone, num_classes):
+        return FCOS(backbone, num_classes, score_thresh=cfg.score_thresh, **_sizes(cfg))
 
     @property
     def anchor_generator(self) -> None:
@@ -154,8 +198,20 @@ class TwoStageView(DetectorView):
     """Faster and Mask R-CNN: RPN and ROI heads run on the teacher features as a second pass
     (their proposal sampling and loss normalisation span the whole batch, so no shared pass)."""
 
+    one_stage = False
     label_offset = 1
     reference = {"context_box": False, "detach_appearance": True}
+
+    @classmethod
+    def build(cls, cfg, backbone, num_classes):
+        anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
+        return cls.detector_type(
+            backbone, num_classes + cls.label_offset,
+            box_score_thresh=cfg.score_thresh, rpn_anchor_generator=anchors, box_batch_size_per_image=cfg.roi_batch_size,
+            rpn_pre_nms_top_n_train=cfg.rpn_proposals_train, rpn_post_nms_top_n_train=cfg.rpn_proposals_train,
+            rpn_pre_nms_top_n_test=cfg.rpn_proposals_test, rpn_post_nms_top_n_test=cfg.rpn_proposals_test,
+            **_sizes(cfg),
+        )
 
     @property
     def anchor_generator(self) -> nn.Module:
@@ -189,6 +245,15 @@ class FasterRCNNView(TwoStageView):
 
 class MaskRCNNView(TwoStageView):
     detector_type = MaskRCNN
+    has_masks = True
+
+    @classmethod
+    def build(cls, cfg, backbone, num_classes):
+        model = super().build(cfg, backbone, num_classes)
+        m = cfg.mask_head_channels  # the mask head's width, which torchvision fixes at 256
+        model.roi_heads.mask_head = MaskRCNNHeads(backbone.out_channels, (m,) * 4, 1)
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(m, m, num_classes + cls.label_offset)
+        return model
 
 
 VIEWS: dict[str, type[DetectorView]] = {
@@ -197,7 +262,6 @@ VIEWS: dict[str, type[DetectorView]] = {
     "fasterrcnn": FasterRCNNView,
     "maskrcnn": MaskRCNNView,
 }
-ARCHS = tuple(VIEWS)  # the model.arch choices
 
 
 def view_of(model: nn.Module) -> DetectorView:

@@ -13,7 +13,7 @@ from lgd import distributed
 from lgd.builders import to_device
 from lgd.config import Config
 from lgd.data import CocoDetection, build_eval_loader
-from lgd.detectors import set_test_size
+from lgd.detectors import set_test_size, view_of
 from lgd.distributed import Context
 from lgd.evaluation import (EvalResult, auto_metric, detections_to_coco, evaluate_detections, save_results,
                             warn_dense_images)
@@ -69,7 +69,7 @@ def evaluate(
     if gathered is None:
         return None
     outputs, ids = [o for o, _ in gathered], [i for _, i in gathered]
-    with_masks = cfg.model.arch == "maskrcnn"
+    with_masks = view_of(student).has_masks
     results = detections_to_coco(outputs, ids, dataset.label_to_category_id, with_masks=with_masks)
     if out_file is not None:
         save_results(results, out_file)
