@@ -69,12 +69,13 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     import torch
 
     from lgd.atomic import atomic_write_text
-    from lgd.builders import load_trained, resolve_device
+    from lgd.checkpoint import load_trained
     from lgd.config import load_config
     from lgd.evaluation.evaluator import evaluate
     from lgd.files import to_json
     from lgd.plots import read_metrics
     from lgd.training import train
+    from lgd.utils.env import resolve_device
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         given_ratio[arch] = float(factor)
 
     from lgd.config import load_config
-    from lgd.builders import split_paths
+    from lgd.data.build import split_paths
     from lgd.files import to_json
     from lgd.plots import plot_ap_curves
 

@@ -8,7 +8,7 @@ _EXPORTS = {
     "Config": "lgd.config",
     "load_config": "lgd.config",
     "build_detector": "lgd.detectors",
-    "LGD": "lgd.distiller",
+    "LGD": "lgd.methods.lgd",
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

@@ -1,5 +1,6 @@
 """Checkpoints: what a run saves and how it comes back — atomic writes, the newest K kept, RNG state for exact
-resume, the free-space and writability checks made before training, and loading weights into a model."""
+resume, the free-space and writability checks made before training, loading weights into a model, and a trained
+model read back for evaluation, export and pictures."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -17,22 +18,21 @@ from torch import nn
 from lgd import distributed
 from lgd.atomic import atomic_write
 from lgd.config import Config, config_from_dict, flatten, runtime_keys, to_dict
+from lgd.data.build import build_dataset, split_paths
+from lgd.data.coco import CocoDetection
 from lgd.detectors.weights import is_lgd_state, student_state
 from lgd.distributed import Context
 from lgd.errors import LGDError, TrainingError, count
-from lgd.files import load_torch_file
+from lgd.evaluation import Categories, check_categories, read_categories
+from lgd.files import atomic_save, load_torch_file
+from lgd.methods.build import build_model
+from lgd.methods.trainable import Trainable
 from lgd.solver import Optimization
-from lgd.trainable import Trainable
 
 CHECKPOINT = "last.pth"  # always the newest checkpoint (a hard link to the newest numbered one where possible)
 FINAL = "model_final.pth"
 NUMBERED = re.compile(r"model_(\d{7})\.pth")
 RESUME_KEYS_SHOWN = 8  # differing keys a refused --resume lists with their values; the rest are counted
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save, atomically: a crash never leaves half a checkpoint."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def rng_state() -> dict[str, Any]:
@@ -210,3 +210,27 @@ class Checkpointer:
         if self.ctx.is_main:
             atomic_save({"model": self.model.state_dict(), "iteration": it, "config": to_dict(self.cfg),
                          "categories": self.categories}, self.out / FINAL)
+
+
+def load_trained_model(cfg: Config, weights: Optional[Path] = None) -> tuple[Trainable, Categories, Path]:
+    """The model a run trained (``weights`` or ``output_dir/model_final.pth``), the categories it was trained on and
+    the file read: no image is opened (exporting a model needs no dataset)."""
+    path = Path(weights) if weights else Path(cfg.output_dir) / FINAL
+    ckpt = load_checkpoint(path)
+    # checkpoints written before categories were stored: the config's training split's annotation file
+    categories = ckpt.get("categories") or read_categories(split_paths(cfg, "train")[1])
+    model = build_model(cfg, len(categories["ids"]), teacher=False)
+    load_model_weights(model, ckpt)
+    return model, categories, path
+
+
+def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tuple[Trainable, CocoDetection]:
+    """The model a run trained (``weights`` or ``output_dir/model_final.pth``) and the split's evaluation dataset.
+
+    Raises:
+        DatasetError: the split's categories differ from the model's.
+    """
+    dataset = build_dataset(cfg, split, train=False)
+    model, categories, path = load_trained_model(cfg, weights)
+    check_categories(categories, dataset, split, f"checkpoint {path}")
+    return model, dataset

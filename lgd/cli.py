@@ -198,10 +198,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lgd.builders import load_trained, resolve_device
+    from lgd.checkpoint import load_trained
     from lgd.checkpoint import FINAL
     from lgd.config import distill_method
     from lgd.evaluation.evaluator import evaluate
+    from lgd.utils.env import resolve_device
 
     cfg = _load(args)
     weights = Path(args.weights or Path(cfg.output_dir) / FINAL)
@@ -244,7 +245,8 @@ def _teacher_verdict(student: EvalResult, teacher: EvalResult) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lgd.builders import build_dataset, load_trained_model
+    from lgd.checkpoint import load_trained_model
+    from lgd.data.build import build_dataset
     from lgd.detectors import VIEWS
     from lgd.export import export_onnx, export_student
 
@@ -269,9 +271,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lgd.builders import resolve_device
     from lgd.export import load_student
     from lgd.predict import predict
+    from lgd.utils.env import resolve_device
 
     model, meta = load_student(Path(args.model))
     device = resolve_device(args.device)
@@ -288,7 +290,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from lgd.builders import split_paths
+    from lgd.data.build import split_paths
     from lgd.evaluation import read_categories
     from lgd.summary import parameter_counts
 
@@ -322,8 +324,8 @@ def cmd_data(args: argparse.Namespace) -> None:
               f"data.train.ann={out.absolute()}\n(a validation or test split: the same values as data.val.* or "
               f"data.test.*)")
     elif args.data_command == "stats":
-        from lgd.builders import split_paths
         from lgd.data import CocoDetection
+        from lgd.data.build import split_paths
         from lgd.data.stats import dataset_stats, plot_stats
 
         cfg = _load(args)
@@ -339,8 +341,9 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    from lgd.builders import load_trained, resolve_device
+    from lgd.checkpoint import load_trained
     from lgd.feature_maps import find_image, visualize_features
+    from lgd.utils.env import resolve_device
 
     cfg = _load(args)
     device = resolve_device(cfg.device)

@@ -246,7 +246,7 @@ def all_keys(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Fiel
 def runtime_keys() -> frozenset[str]:
     """The keys that may change between a run and its ``--resume`` (fields marked ``runtime``): where and how fast
     it runs, not what it computes. The FGFI teacher may move: the checkpoint's teacher_sha256 decides whether it is
-    the same file (lgd/fgfi.py)."""
+    the same file (lgd/methods/fgfi.py)."""
     return frozenset(k for k, f in all_keys().items() if f.metadata["runtime"])
 
 

@@ -34,11 +34,11 @@ import torchvision
 from torch import Tensor, nn
 
 from lgd.atomic import atomic_write
-from lgd.checkpoint import atomic_save
 from lgd.config import ModelConfig
 from lgd.detectors import build_detector, set_test_size
 from lgd.detectors.deform import has_deformable
 from lgd.errors import LGDError
+from lgd.files import atomic_save
 from lgd.files import load_torch_file
 
 FORMAT = "lgd-student/2"

@@ -1,6 +1,6 @@
 """Reading and writing lgd's files safely: strict JSON and weights-only torch loads.
 
-(Atomic, umask-respecting writes are in ``lgd.atomic``.)
+(Atomic, umask-respecting writes are in ``lgd.atomic``; :func:`atomic_save` is ``torch.save`` through them.)
 
 - JSON: Python's ``json`` writes NaN and Infinity, which are not JSON and which strict parsers (``jq``,
   JavaScript, most databases) reject. Every JSON lgd writes goes through :func:`to_json`, which writes
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lgd.atomic import atomic_write
 from lgd.errors import LGDError
 
 
@@ -79,3 +80,8 @@ def _unsafe_globals(path: Path) -> str:
     except Exception:  # an older torch without this function, or a file it cannot scan
         return "objects a weights-only load does not allow"
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save, atomically: a crash never leaves half a checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

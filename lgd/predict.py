@@ -12,9 +12,9 @@ from torch import nn
 from tqdm import tqdm
 
 from lgd.data.image_io import IMAGE_EXTENSIONS, find_images, read_image
+from lgd.draw import draw_detections
 from lgd.errors import DatasetError
 from lgd.files import to_json
-from lgd.visualize import draw_detections
 
 
 @dataclass
@@ -73,7 +73,7 @@ def predict(
     ``out/detections.json`` lists, per image read, every detection scoring at least ``score_thresh``
     (box XYXY in the image's pixels as displayed, score, category id and class name), as the detector
     outputs them; it is written even when the run stops early. ``out/<stem>.png`` draws one box per object
-    (:func:`lgd.visualize.draw_detections`: class-agnostic NMS for the picture only). An image that cannot
+    (:func:`lgd.draw.draw_detections`: class-agnostic NMS for the picture only). An image that cannot
     be read is reported in ``skipped`` and the run goes on.
 
     Args:

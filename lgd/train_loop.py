@@ -2,7 +2,7 @@
 
 Each iteration is the hooks' ``before_step``, one step (lgd/step.py), then the hooks' ``after_step``; the hooks
 themselves (the model's schedule windows, NaN policy, metrics, evaluation, stop signals, checkpoints) are in
-lgd/hooks.py, and lgd/training.py assembles a run. The model is a ``Trainable`` (lgd/trainable.py) — LGD, or the
+lgd/hooks.py, and lgd/training.py assembles a run. The model is a ``Trainable`` (lgd/methods/trainable.py) — LGD, or the
 Baseline — so the loop never asks which it trains.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ from typing import Iterator, Optional
 
 from tqdm import tqdm
 
-from lgd.builders import to_device
+from lgd.data.build import to_device
 from lgd.distributed import Context
+from lgd.methods.trainable import Trainable
 from lgd.signals import StopSignals
 from lgd.solver import Optimization
 from lgd.step import Stepper, StepResult
-from lgd.trainable import Trainable
 
 
 class Hook:

@@ -15,11 +15,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lgd import distributed
-from lgd.builders import build_dataset, build_model, resolve_device, seed_everything, split_paths
 from lgd.checkpoint import (CHECKPOINT, Checkpointer, check_free_space, checkpoint_bytes, load_resume_checkpoint,
                             prepare_output_dir, restore_rng_state)
 from lgd.config import Config, save_config
 from lgd.data import CocoDetection, build_train_loader
+from lgd.data.build import build_dataset, split_paths
 from lgd.data.loader import stop_workers
 from lgd.data.overlap import shared_images
 from lgd.distributed import Context
@@ -29,12 +29,14 @@ from lgd.evaluation.evaluator import evaluate
 from lgd.events import MetricsLog, truncate_metrics
 from lgd.hooks import MetricsWriter, ModelSchedule, NanPolicy, PeriodicCheckpoint, PeriodicEval, StopOnSignal
 from lgd.loss_monitor import DegenerateLossMonitor
+from lgd.methods.build import build_model
+from lgd.methods.trainable import Trainable
 from lgd.signals import ignore_stop_signals
 from lgd.solver import Optimization, build_optimization
 from lgd.step import Stepper
 from lgd.summary import training_summary
 from lgd.train_loop import Trainer
-from lgd.trainable import Trainable
+from lgd.utils.env import resolve_device, seed_everything
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:

@@ -7,8 +7,8 @@ import torch
 
 from lgd import checkpoint
 from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
-from lgd.distiller import LGD
 from lgd.errors import LGDError, TrainingError
+from lgd.methods.lgd import LGD
 from lgd.solver import Optimization, lr_factor
 from lgd.training import train
 
@@ -169,8 +169,9 @@ def test_the_teacher_is_evaluated_on_val_during_training(tiny_config, capsys, ov
 
 
 def test_the_summary_warns_about_a_schedule_that_reaches_past_the_run(tiny_config):
-    from lgd.builders import build_dataset, build_model
+    from lgd.data.build import build_dataset
     from lgd.distributed import Context
+    from lgd.methods.build import build_model
     from lgd.summary import training_summary
 
     cfg = tiny_config("solver.max_iter=30", "solver.warmup_iters=100", "solver.steps=[20,40]")

@@ -16,8 +16,8 @@ import torch
 from lgd import checkpoint, training
 from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
 from lgd.config import save_config
-from lgd.distiller import LGD
 from lgd.errors import TrainingError
+from lgd.methods.lgd import LGD
 from lgd.signals import StopSignals, TrainingInterrupted, ignore_stop_signals
 from lgd.step import Stepper
 from lgd.training import train

@@ -10,14 +10,14 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from lgd import distributed
-from lgd.builders import to_device
 from lgd.config import Config
 from lgd.data import CocoDetection, build_eval_loader
+from lgd.data.build import to_device
 from lgd.detectors import set_test_size, view_of
 from lgd.distributed import Context
 from lgd.evaluation import (EvalResult, auto_metric, detections_to_coco, evaluate_detections, save_results,
                             warn_dense_images)
-from lgd.trainable import Trainable
+from lgd.methods.trainable import Trainable
 
 
 def split_metric(cfg: Config, split: str) -> str:

@@ -19,9 +19,9 @@ from torch.profiler import record_function
 from lgd.choices import DISTILL_REGIONS
 from lgd.config import LGDConfig
 from lgd.detectors import DetectorView, Targets, view_of
+from lgd.methods.trainable import Trainable
 from lgd.solver import OptimizerGroup
 from lgd.teacher import ImplicitTeacher, TeacherOutput
-from lgd.trainable import Trainable
 
 
 class FeatureAdapter(nn.Module):

@@ -1,0 +1,1 @@
+"""Helpers under every part: the device and seeds of a process."""
