@@ -68,14 +68,14 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     """
     import torch
 
-    from lgd.atomic import atomic_write_text
     from lgd.checkpoint import load_trained
     from lgd.config import load_config
     from lgd.evaluation.evaluator import evaluate
-    from lgd.files import to_json
     from lgd.plots import read_metrics
     from lgd.training import train
+    from lgd.utils.atomic import atomic_write_text
     from lgd.utils.env import resolve_device
+    from lgd.utils.files import to_json
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from lgd.config import load_config
     from lgd.data.build import split_paths
-    from lgd.files import to_json
     from lgd.plots import plot_ap_curves
+    from lgd.utils.files import to_json
 
     began = time.perf_counter()
     out = Path(args.out)

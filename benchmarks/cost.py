@@ -30,9 +30,9 @@ import torch
 
 from lgd.config import LGDConfig, ModelConfig, load_config
 from lgd.detectors import VIEWS, build_detector, set_test_size
-from lgd.files import to_json
 from lgd.methods.lgd import LGD
 from lgd.solver import make_optimizer
+from lgd.utils.files import to_json
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE_BACKBONES = [

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lgd, not an installed one
 sys.path.insert(0, str(Path(__file__).parent))
-from lgd.atomic import atomic_write, atomic_write_text  # noqa: E402
+from lgd.utils.atomic import atomic_write, atomic_write_text  # noqa: E402
 from regime_data import (  # noqa: E402
     GENERATOR_VERSION, PRETRAIN_CLASSES, SPLITS, TARGET_CLASSES, TARGET_DEFAULTS, ensure_target_dataset, pretrain_batch,
     regime_cache_dir, render_pretrain_crop, target_object_crops,

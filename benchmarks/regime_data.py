@@ -35,8 +35,8 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lgd.atomic import ensure_dir
 from lgd.data.synthetic import regular_polygon, rotate_points
+from lgd.utils.atomic import ensure_dir
 
 # Bumped whenever rendering changes, so a cached dataset or backbone of an older generator is not reused.
 GENERATOR_VERSION = 1

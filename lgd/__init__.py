@@ -1,8 +1,8 @@
 """LGD: label-guided self-distillation for torchvision object detectors.
 
-Each name is imported on first use (``lgd.lazy``), so ``import lgd.config`` loads no torch.
+Each name is imported on first use (``lgd.utils.lazy``), so ``import lgd.config`` loads no torch.
 """
-from lgd.lazy import lazy_exports
+from lgd.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "Config": "lgd.config",

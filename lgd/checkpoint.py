@@ -15,19 +15,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from lgd import distributed
-from lgd.atomic import atomic_write
 from lgd.config import Config, config_from_dict, flatten, runtime_keys, to_dict
 from lgd.data.build import build_dataset, split_paths
 from lgd.data.coco import CocoDetection
 from lgd.detectors.weights import is_lgd_state, student_state
-from lgd.distributed import Context
 from lgd.errors import LGDError, TrainingError, count
 from lgd.evaluation import Categories, check_categories, read_categories
-from lgd.files import atomic_save, load_torch_file
 from lgd.methods.build import build_model
 from lgd.methods.trainable import Trainable
 from lgd.solver import Optimization
+from lgd.utils import distributed
+from lgd.utils.atomic import atomic_write
+from lgd.utils.distributed import Context
+from lgd.utils.files import atomic_save, load_torch_file
 
 CHECKPOINT = "last.pth"  # always the newest checkpoint (a hard link to the newest numbered one where possible)
 FINAL = "model_final.pth"

@@ -15,7 +15,7 @@ from lgd.choices import FORMATS
 from lgd.config import SynthConfig
 from lgd.errors import LGDError, count, user_message
 from lgd.evaluation import EvalResult, format_percent, teacher_ahead
-from lgd.files import to_json
+from lgd.utils.files import to_json
 
 OVERRIDES_HELP = "config overrides as dotted KEY=VALUE, e.g. solver.max_iter=200 data.train.root=/data/coco/train2017"
 

@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_typ
 import yaml
 
 from lgd import choices
-from lgd.atomic import atomic_write_text
 from lgd.data.difficulty import Difficulty
 from lgd.errors import ConfigError
+from lgd.utils.atomic import atomic_write_text
 
 
 def _f(default: Any, help: str, runtime: bool = False) -> Any:

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from lgd.files import to_json
+from lgd.utils.files import to_json
 
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, flushed) plus TensorBoard events."""

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from lgd import distributed
 from lgd.checkpoint import Checkpointer
 from lgd.errors import TrainingError
 from lgd.evaluation import EvalResult, teacher_ahead
@@ -19,6 +18,7 @@ from lgd.events import MetricsLog
 from lgd.loss_monitor import DegenerateLossMonitor
 from lgd.signals import TrainingInterrupted
 from lgd.train_loop import Hook, Trainer
+from lgd.utils import distributed
 
 
 class ModelSchedule(Hook):

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from lgd.data.image_io import IMAGE_EXTENSIONS, find_images, read_image
 from lgd.draw import draw_detections
 from lgd.errors import DatasetError
-from lgd.files import to_json
+from lgd.utils.files import to_json
 
 
 @dataclass

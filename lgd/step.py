@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lgd import distributed
 from lgd.config import SolverConfig
-from lgd.distributed import Context
 from lgd.solver import Optimization
+from lgd.utils import distributed
+from lgd.utils.distributed import Context
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -14,8 +14,8 @@ from lgd.config import backbone_name
 from lgd.data import CocoDetection
 from lgd.data.stats import dataset_stats
 from lgd.detectors import build_detector
-from lgd.distributed import Context
 from lgd.methods.lgd import LGD
+from lgd.utils.distributed import Context
 
 
 def count(module: nn.Module) -> int:

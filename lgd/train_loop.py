@@ -12,11 +12,11 @@ from typing import Iterator, Optional
 from tqdm import tqdm
 
 from lgd.data.build import to_device
-from lgd.distributed import Context
 from lgd.methods.trainable import Trainable
 from lgd.signals import StopSignals
 from lgd.solver import Optimization
 from lgd.step import Stepper, StepResult
+from lgd.utils.distributed import Context
 
 
 class Hook:

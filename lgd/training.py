@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lgd import distributed
 from lgd.checkpoint import (CHECKPOINT, Checkpointer, check_free_space, checkpoint_bytes, load_resume_checkpoint,
                             prepare_output_dir, restore_rng_state)
 from lgd.config import Config, save_config
@@ -22,7 +21,6 @@ from lgd.data import CocoDetection, build_train_loader
 from lgd.data.build import build_dataset, split_paths
 from lgd.data.loader import stop_workers
 from lgd.data.overlap import shared_images
-from lgd.distributed import Context
 from lgd.errors import ConfigError
 from lgd.evaluation import EvalResult, check_categories, dataset_categories
 from lgd.evaluation.evaluator import evaluate
@@ -36,6 +34,8 @@ from lgd.solver import Optimization, build_optimization
 from lgd.step import Stepper
 from lgd.summary import training_summary
 from lgd.train_loop import Trainer
+from lgd.utils import distributed
+from lgd.utils.distributed import Context
 from lgd.utils.env import resolve_device, seed_everything
 
 
@@ -43,7 +43,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     """Train (LGD or baseline) as the config says; returns the final metrics on the val split.
 
     Launched by torchrun, every process runs this with the same config and they train one model together
-    (lgd/distributed.py); only rank 0 writes files, and only its return value carries the ``result``.
+    (lgd/utils/distributed.py); only rank 0 writes files, and only its return value carries the ``result``.
 
     Raises:
         TrainingError: ``output_dir`` is not writable, or already holds a run and ``resume`` is false; a loss or

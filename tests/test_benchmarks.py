@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lgd.files import to_json
+from lgd.utils.files import to_json
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 

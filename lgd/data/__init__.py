@@ -1,6 +1,6 @@
-"""Datasets, transforms and loaders. Each name is imported on first use (``lgd.lazy``): ``lgd.config`` reads
+"""Datasets, transforms and loaders. Each name is imported on first use (``lgd.utils.lazy``): ``lgd.config`` reads
 ``lgd.data.difficulty`` without loading torch."""
-from lgd.lazy import lazy_exports
+from lgd.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "CocoDetection": "lgd.data.coco",

@@ -20,11 +20,11 @@ from typing import Any, Optional
 
 import yaml
 
-from lgd.atomic import atomic_write_text
 from lgd.choices import FORMATS
 from lgd.data import coco, crowdhuman, csv_boxes, voc, yolo
 from lgd.data.text_io import read_text
 from lgd.errors import DatasetError, count
+from lgd.utils.atomic import atomic_write_text
 
 # Bumped whenever a converter's output changes, so older cached conversions are not reused.
 CONVERTER_VERSION = 2

@@ -32,7 +32,7 @@ import pycocotools.mask as mask_utils
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..atomic import ensure_dir
+from lgd.utils.atomic import ensure_dir
 from .difficulty import CLASS_NAMES, EMPTY_PROB, Difficulty
 
 # Bumped whenever the rendering changes, so cached datasets of an older generator are not reused.

@@ -9,15 +9,15 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from lgd import distributed
 from lgd.config import Config
 from lgd.data import CocoDetection, build_eval_loader
 from lgd.data.build import to_device
 from lgd.detectors import set_test_size, view_of
-from lgd.distributed import Context
 from lgd.evaluation import (EvalResult, auto_metric, detections_to_coco, evaluate_detections, save_results,
                             warn_dense_images)
 from lgd.methods.trainable import Trainable
+from lgd.utils import distributed
+from lgd.utils.distributed import Context
 
 
 def split_metric(cfg: Config, split: str) -> str:

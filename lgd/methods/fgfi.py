@@ -30,9 +30,9 @@ from lgd.detectors.views import retinanet_anchors
 from lgd.detectors.weights import student_state
 from lgd.errors import LGDError
 from lgd.export import FORMAT, build_student
-from lgd.files import load_torch_file
 from lgd.methods.trainable import Trainable
 from lgd.solver import OptimizerGroup
+from lgd.utils.files import load_torch_file
 
 
 def file_sha256(path: Path) -> str:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from lgd.atomic import atomic_write
 from lgd.errors import LGDError
+from lgd.utils.atomic import atomic_write
 
 
 def finite_or_none(value: Any) -> Any:
