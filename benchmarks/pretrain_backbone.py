@@ -47,6 +47,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lgd, not an installed one
 sys.path.insert(0, str(Path(__file__).parent))
 from lgd.utils.atomic import atomic_write, atomic_write_text  # noqa: E402
+from lgd.utils.files import file_digest  # noqa: E402
 from regime_data import (  # noqa: E402
     GENERATOR_VERSION, PRETRAIN_CLASSES, SPLITS, TARGET_CLASSES, TARGET_DEFAULTS, ensure_target_dataset, pretrain_batch,
     regime_cache_dir, render_pretrain_crop, target_object_crops,
@@ -81,14 +82,6 @@ class Recipe:
 
 RECIPE = Recipe()
 QUICK = Recipe(steps=3, batch_size=4, image_size=32, warmup_steps=1, heldout=8, probe_images=4)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _serialise(state: dict[str, Tensor]) -> bytes:
@@ -133,7 +126,7 @@ def cached(cache_dir: Path, recipe: Recipe) -> Optional[dict]:
     if manifest.get("recipe") != asdict(recipe):
         warnings.warn(f"{p['manifest']} was written for another recipe; pretraining again")
         return None
-    if manifest.get("sha256") != _sha256(p["weights"]):
+    if manifest.get("sha256") != file_digest(p["weights"]):
         warnings.warn(f"{p['weights']} does not match the SHA-256 in its manifest; pretraining again")
         return None
     return manifest
@@ -214,7 +207,7 @@ def pretrain(cache_dir: Path, recipe: Recipe = RECIPE, progress: bool = True) ->
         atomic_write(p["weights"], lambda tmp: Path(tmp).write_bytes(_serialise(body)))
         check_loads(p["weights"])
         checks = {"heldout_accuracy": heldout_accuracy(model, recipe), "linear_probe": linear_probe(body, recipe)}
-        manifest = {"file": p["weights"].name, "sha256": _sha256(p["weights"]), "recipe": asdict(recipe),
+        manifest = {"file": p["weights"].name, "sha256": file_digest(p["weights"]), "recipe": asdict(recipe),
                     "classes": list(PRETRAIN_CLASSES), "cost": cost, "checks": checks,
                     "torch": torch.__version__, "torchvision": torchvision.__version__,
                     "machine": f"{platform.machine()}, {platform.system()}, 1 thread",

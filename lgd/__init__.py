@@ -4,12 +4,9 @@ Each name is imported on first use (``lgd.utils.lazy``), so ``import lgd.config`
 """
 from lgd.utils.lazy import lazy_exports
 
-_EXPORTS = {
-    "Config": "lgd.config",
-    "load_config": "lgd.config",
-    "build_detector": "lgd.detectors",
-    "LGD": "lgd.methods.lgd",
-}
-__getattr__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "lgd.config": ("Config", "load_config"),
+    "lgd.detectors": ("build_detector",),
+    "lgd.methods.lgd": ("LGD",),
+})
 __version__ = "0.1.0"

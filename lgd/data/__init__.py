@@ -2,19 +2,10 @@
 ``lgd.data.difficulty`` without loading torch."""
 from lgd.utils.lazy import lazy_exports
 
-_EXPORTS = {
-    "CocoDetection": "lgd.data.coco",
-    "TrainBatchSampler": "lgd.data.loader",
-    "build_eval_loader": "lgd.data.loader",
-    "build_train_loader": "lgd.data.loader",
-    "collate": "lgd.data.loader",
-    "CLASS_NAMES": "lgd.data.difficulty",
-    "Difficulty": "lgd.data.difficulty",
-    "builtin_dataset_name": "lgd.data.synthetic",
-    "default_cache_dir": "lgd.data.synthetic",
-    "ensure_builtin_dataset": "lgd.data.synthetic",
-    "write_synthetic": "lgd.data.synthetic",
-    "build_transforms": "lgd.data.transforms",
-}
-__getattr__ = lazy_exports(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "lgd.data.coco": ("CocoDetection",),
+    "lgd.data.difficulty": ("CLASS_NAMES", "Difficulty"),
+    "lgd.data.loader": ("TrainBatchSampler", "build_eval_loader", "build_train_loader", "collate"),
+    "lgd.data.synthetic": ("builtin_dataset_name", "default_cache_dir", "ensure_builtin_dataset", "write_synthetic"),
+    "lgd.data.transforms": ("build_transforms",),
+})

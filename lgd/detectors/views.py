@@ -71,6 +71,19 @@ class DetectorView:
         feats = self.model.backbone(image_list.tensors)
         return feats if isinstance(feats, OrderedDict) else OrderedDict(feats)
 
+    def training_inputs(self, images: list[Tensor], targets: Optional[Targets], method: str
+                        ) -> tuple[ImageList, Targets, "OrderedDict[str, Tensor]"]:
+        """What a distillation ``method`` (named in the error) starts its training forward from: the preprocessed
+        batch, its targets in the padded frame and the student's FPN features.
+
+        Raises:
+            ValueError: no targets.
+        """
+        if targets is None:
+            raise ValueError(f"{method} needs targets in training mode")
+        image_list, targets = self.preprocess(images, targets)
+        return image_list, targets, self.features(image_list)
+
     def losses(
         self,
         image_list: ImageList,

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -85,3 +86,12 @@ def _unsafe_globals(path: Path) -> str:
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save, atomically: a crash never leaves half a checkpoint."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The ``hashlib`` digest of a file's bytes (read 1 MiB at a time), as hex digits."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

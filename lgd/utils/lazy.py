@@ -9,15 +9,16 @@ import importlib
 from typing import Any, Callable
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``package`` that reads each name of ``exports`` ({name: module}) from its
-    module on first use and keeps it in the package's namespace."""
+def lazy_exports(package: str, modules: dict[str, tuple[str, ...]]) -> tuple[Callable[[str], Any], list[str]]:
+    """``(__getattr__, __all__)`` for ``package``'s face: each name of ``modules`` ({module: names}) is read from
+    its module on first use and then kept in the package's namespace."""
+    home = {name: module for module, names in modules.items() for name in names}
 
     def __getattr__(name: str) -> Any:
-        if name not in exports:
+        if name not in home:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(exports[name]), name)
+        value = getattr(importlib.import_module(home[name]), name)
         setattr(importlib.import_module(package), name, value)
         return value
 
-    return __getattr__
+    return __getattr__, sorted(home)
