@@ -1,4 +1,5 @@
-"""`lgd train | eval | predict | export | summary | config | visualize | data synth|convert|stats` — the command line."""
+"""`lgd train | eval | predict | export | summary | config | visualize | data synth|convert|tile|stats` — the command
+line."""
 from __future__ import annotations
 
 import argparse
@@ -73,13 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write detections.json (every detection scoring at least the threshold) and one PNG per "
                                    "image: one class-coloured box per object with its class name and score, "
                                    "small images drawn upscaled. An image that cannot be read is reported and "
-                                   "skipped; exit status 1 then, 0 when every image was predicted.")
+                                   "skipped; exit status 1 then, 0 when every image was predicted. Large images: "
+                                   "--tile predicts overlapping tiles and merges them.")
     p.add_argument("input", help="an image file or a folder of images (its top level; hidden files are left out)")
     p.add_argument("--model", required=True, help="a student written by `lgd export`")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--score-thresh", type=float, default=0.3,
                    help="drawn and saved detections score at least this (default: 0.3)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--max-detections", type=int, metavar="N",
+                   help="detections kept per image, the best-scoring (default: the model's model.detections_per_img, "
+                        "100 unless trained otherwise); an image that reaches it is reported")
+    p.add_argument("--tile", type=int, metavar="SIZE",
+                   help="large images: predict tiles of SIZE x SIZE px, each at its own resolution, and merge them "
+                        "(default: the whole image, resized to the model's input size)")
+    p.add_argument("--overlap", type=float, help="with --tile: the fraction of SIZE neighbouring tiles "
+                                                              "share (default 0.2)")
+    p.add_argument("--merge-thresh", type=float,
+                   help="with --tile: boxes of one class from two tiles are one object when their intersection covers "
+                        "more than this fraction of the smaller box (default 0.5)")
     _no_progress(p)
 
     p = sub.add_parser("export", help="write the student alone: weights + metadata, or an ONNX graph",
@@ -140,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "drops a class); as data.class_map")
     s.add_argument("--box", default="full", choices=("full", "visible", "head"), help="CrowdHuman box type (default full)")
     s.add_argument("--out", required=True, help="the COCO JSON to write")
+    _no_progress(s)
+    s = data_sub.add_parser("tile", help="cut a COCO split's large images into overlapping tiles, boxes clipped",
+                            description="Write OUT/images/ (PNG tiles) and OUT/annotations.json (COCO) and print "
+                                        "the data.<split>.root/ann to train with. A box clipped by a tile keeps its "
+                                        "part there if that holds at least --min-fraction of its area, else it is "
+                                        "dropped from that tile (counted). Boxes only: segmentations are left out.")
+    s.add_argument("--root", required=True, help="the image folder the COCO file_names are relative to")
+    s.add_argument("--ann", required=True, help="the COCO instances JSON (other formats: `lgd data convert` first)")
+    s.add_argument("--size", type=int, default=512, help="tile side in pixels (default 512)")
+    s.add_argument("--overlap", type=float, default=0.2, help="fraction of the side neighbouring tiles share "
+                                                              "(default 0.2)")
+    s.add_argument("--min-fraction", type=float, default=0.5,
+                   help="a box cut by a tile stays there when at least this fraction of it is inside (default 0.5)")
+    s.add_argument("--out", required=True, help="output folder")
     _no_progress(s)
     s = data_sub.add_parser("stats", help="images, objects, class histogram and object sizes of a split (+ PNG)",
                             description="Print a split's statistics and plot its class histogram and object size "
@@ -272,14 +299,23 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from lgd.export import load_student
-    from lgd.predict import predict
+    from lgd.predict import Slicing, predict
     from lgd.utils.env import resolve_device
 
     model, meta = load_student(Path(args.model))
     device = resolve_device(args.device)
     model.to(device)
     out = Path(args.out)
-    result = predict(model, meta, Path(args.input), out, args.score_thresh, device, progress=_progress(args))
+    if args.tile is None and (args.overlap is not None or args.merge_thresh is not None):
+        print("lgd: error: --overlap and --merge-thresh shape the tiles of --tile SIZE; give --tile too",
+              file=sys.stderr)
+        return 2
+    given = {k: v for k, v in (("overlap", args.overlap), ("match_thresh", args.merge_thresh)) if v is not None}
+    slicing = None if args.tile is None else Slicing(args.tile, **given)
+    result = predict(model, meta, Path(args.input), out, args.score_thresh, device, progress=_progress(args),
+                     max_detections=args.max_detections, slicing=slicing)
+    for note in result.limited:
+        print(f"lgd: {note}", file=sys.stderr)
     if result.hidden:
         print(f"left out {len(result.hidden)} hidden files (e.g. {result.hidden[0].name})", file=sys.stderr)
     for reason in result.skipped:
@@ -323,6 +359,13 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"wrote {describe(data)} to {out}\ntrain with: data.train.root={root.absolute()} "
               f"data.train.ann={out.absolute()}\n(a validation or test split: the same values as data.val.* or "
               f"data.test.*)")
+    elif args.data_command == "tile":
+        from lgd.data.tiling import tile_dataset
+
+        report = tile_dataset(Path(args.root), Path(args.ann), Path(args.out), args.size, args.overlap,
+                              args.min_fraction, progress=_progress(args))
+        print(f"wrote {report.text()}\ntrain with: data.train.root={report.root.absolute()} "
+              f"data.train.ann={report.annotations.absolute()}")
     elif args.data_command == "stats":
         from lgd.data import CocoDetection
         from lgd.data.build import split_paths

@@ -20,7 +20,7 @@ from lgd.training import train
 
 def test_every_subcommand_has_help(capsys):
     for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["predict", "--help"], ["export", "--help"],
-                 ["summary", "--help"], ["data", "synth", "--help"], ["config", "--help"]):
+                 ["summary", "--help"], ["data", "synth", "--help"], ["data", "tile", "--help"], ["config", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
@@ -33,7 +33,8 @@ def test_every_subcommand_accepts_no_progress():
     parser = build_parser()
     for argv in (["train"], ["eval"], ["predict", "in", "--model", "m.pth"], ["export"], ["summary"], ["config"],
                  ["data", "synth", "--out", "o"], ["data", "stats"], ["visualize"],
-                 ["data", "convert", "--from", "voc", "--root", "r", "--ann", "a", "--out", "o.json"]):
+                 ["data", "convert", "--from", "voc", "--root", "r", "--ann", "a", "--out", "o.json"],
+                 ["data", "tile", "--root", "r", "--ann", "a.json", "--out", "o"]):
         assert parser.parse_args([*argv, "--no-progress"]).no_progress, argv
 
 

@@ -1,6 +1,6 @@
 """Reading and writing lgd's files safely: strict JSON and weights-only torch loads.
 
-(Atomic, umask-respecting writes are in ``lgd.atomic``; :func:`atomic_save` is ``torch.save`` through them.)
+(Atomic, umask-respecting writes are in ``lgd.utils.atomic``; :func:`atomic_save` is ``torch.save`` through them.)
 
 - JSON: Python's ``json`` writes NaN and Infinity, which are not JSON and which strict parsers (``jq``,
   JavaScript, most databases) reject. Every JSON lgd writes goes through :func:`to_json`, which writes
