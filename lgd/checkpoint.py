@@ -197,6 +197,16 @@ class Checkpointer:
         return distributed.share_from_main(self.ctx, lambda: save_checkpoint(state, self.out, it,
                                                                              self.cfg.keep_checkpoints))
 
+    def resume(self, ckpt: dict[str, Any]) -> None:
+        """Continue from ``ckpt`` (``last.pth`` as ``load_resume_checkpoint`` read it): the model's, the
+        optimization's and the gradient scaler's state, and this rank's RNG state. Called once the data loader has
+        drawn its seed from torch's generator, so that every random stream goes on as in the interrupted run."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimization.load_state_dict(ckpt["optimisation"])
+        if "scaler" in ckpt and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng_state(ckpt["rng"], self.ctx)
+
     def save_debug(self, it: int, losses_per_rank: list[dict[str, float]], image_ids: list[Any]) -> Path:
         """The state before the failed step (no parameter changed), with every rank's loss values."""
         path = self.out / f"nan_debug_{it:07d}.pth"

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from lgd import __version__
-from lgd.choices import FORMATS
+from lgd.choices import CROWDHUMAN_BOXES, FORMATS
 from lgd.config import SynthConfig
 from lgd.errors import LGDError, count, user_message
 from lgd.evaluation import EvalResult, format_percent, teacher_ahead
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "classes .csv (YOLO, CSV: required; VOC: default the 20 VOC classes)")
     s.add_argument("--class-map", default="", help="class renames as YAML, e.g. '{Alive: Tree, Dead: Tree}' (null "
                                                    "drops a class); as data.class_map")
-    s.add_argument("--box", default="full", choices=("full", "visible", "head"), help="CrowdHuman box type (default full)")
+    s.add_argument("--box", default="full", choices=CROWDHUMAN_BOXES, help="CrowdHuman box type (default full)")
     s.add_argument("--out", required=True, help="the COCO JSON to write")
     _no_progress(s)
     s = data_sub.add_parser("tile", help="cut a COCO split's large images into overlapping tiles, boxes clipped",
