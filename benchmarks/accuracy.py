@@ -68,11 +68,11 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     """
     import torch
 
-    from lgd.checkpoint import load_trained
     from lgd.config import load_config
+    from lgd.engine.checkpoint import load_trained
+    from lgd.engine.training import train
     from lgd.evaluation.evaluator import evaluate
     from lgd.plots import read_metrics
-    from lgd.training import train
     from lgd.utils.atomic import atomic_write_text
     from lgd.utils.env import resolve_device
     from lgd.utils.files import to_json
@@ -116,7 +116,7 @@ def calibrate_one(config: str, overrides: list[str]) -> float:
     import torch
 
     from lgd.config import load_config
-    from lgd.training import train
+    from lgd.engine.training import train
 
     torch.set_num_threads(1)
     cfg = load_config(config, overrides + [f"solver.max_iter={CALIBRATION_STEPS}", "log_period=5", "eval_period=0",

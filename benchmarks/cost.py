@@ -30,10 +30,10 @@ import torch
 
 from lgd.config import LGDConfig, ModelConfig, SolverConfig, load_config
 from lgd.detectors import VIEWS, build_detector, set_test_size
+from lgd.engine.solver import build_optimization
+from lgd.engine.step import Stepper
 from lgd.methods.lgd import LGD
 from lgd.methods.trainable import Baseline
-from lgd.solver import build_optimization
-from lgd.step import Stepper
 from lgd.utils.distributed import Context
 from lgd.utils.files import to_json
 

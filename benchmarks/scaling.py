@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lgd.config import load_config
-from lgd.training import train
+from lgd.engine.training import train
 from lgd.utils.files import to_json
 
 ROOT = Path(__file__).parent.parent

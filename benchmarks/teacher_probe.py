@@ -38,10 +38,10 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lgd.checkpoint import load_checkpoint, load_model_weights  # noqa: E402
 from lgd.config import load_config  # noqa: E402
 from lgd.data import build_train_loader  # noqa: E402
 from lgd.data.build import build_dataset, to_device  # noqa: E402
+from lgd.engine.checkpoint import load_checkpoint, load_model_weights  # noqa: E402
 from lgd.methods.build import build_model  # noqa: E402
 from lgd.methods.lgd import distillation_loss  # noqa: E402
 from lgd.teacher.descriptors import pad_objects  # noqa: E402

@@ -207,8 +207,8 @@ def _headline(result: EvalResult) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lgd.signals import TrainingInterrupted
-    from lgd.training import train
+    from lgd.engine.signals import TrainingInterrupted
+    from lgd.engine.training import train
 
     cfg = _load(args)
     try:
@@ -225,9 +225,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lgd.checkpoint import load_trained
-    from lgd.checkpoint import FINAL
     from lgd.config import distill_method
+    from lgd.engine.checkpoint import load_trained
+    from lgd.engine.checkpoint import FINAL
     from lgd.evaluation.evaluator import evaluate
     from lgd.utils.env import resolve_device
 
@@ -272,9 +272,9 @@ def _teacher_verdict(student: EvalResult, teacher: EvalResult) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lgd.checkpoint import load_trained_model
     from lgd.data.build import build_dataset
     from lgd.detectors import VIEWS
+    from lgd.engine.checkpoint import load_trained_model
     from lgd.export import export_onnx, export_student
 
     cfg = _load(args)
@@ -384,7 +384,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    from lgd.checkpoint import load_trained
+    from lgd.engine.checkpoint import load_trained
     from lgd.feature_maps import find_image, visualize_features
     from lgd.utils.env import resolve_device
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd.checkpoint import FINAL, load_checkpoint
 from lgd.config import save_config
 from lgd.data.loader import ShardedBatchSampler, TrainBatchSampler
+from lgd.engine.checkpoint import FINAL, load_checkpoint
+from lgd.engine.training import _check_runtime, train
 from lgd.errors import ConfigError
-from lgd.training import _check_runtime, train
 from lgd.utils import distributed
 from lgd.utils.distributed import Context
 

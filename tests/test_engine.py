@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd import checkpoint
-from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
+from lgd.engine import checkpoint
+from lgd.engine.checkpoint import CHECKPOINT, FINAL, load_checkpoint
+from lgd.engine.solver import Optimization, lr_factor
+from lgd.engine.training import train
 from lgd.errors import LGDError, TrainingError
 from lgd.methods.lgd import LGD
-from lgd.solver import Optimization, lr_factor
-from lgd.training import train
 
 
 def _final_state(cfg):

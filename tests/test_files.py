@@ -13,13 +13,13 @@ import yaml
 
 from helpers import strict_json
 from lgd import __version__
-from lgd.checkpoint import load_checkpoint
 from lgd.cli import main
 from lgd.config import ModelConfig, config_from_dict, load_config, save_config
 from lgd.detectors import build_detector
+from lgd.engine.checkpoint import load_checkpoint
+from lgd.engine.training import train
 from lgd.errors import LGDError, WeightsError
 from lgd.export import load_student
-from lgd.training import train
 from lgd.utils.atomic import atomic_write_text, ensure_dir
 from lgd.utils.files import atomic_save
 from lgd.utils.files import to_json

@@ -1,4 +1,4 @@
-from lgd.loss_monitor import DegenerateLossMonitor
+from lgd.engine.loss_monitor import DegenerateLossMonitor
 
 
 def test_a_dead_fcos_box_branch_is_reported_once_then_its_recovery():

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from lgd.config import load_config
-from lgd.solver import Optimization, build_optimization, make_optimizer
+from lgd.engine.solver import Optimization, build_optimization, make_optimizer
 from lgd.errors import ConfigError
 
 from helpers import tiny_detector, tiny_lgd

@@ -30,7 +30,7 @@ from lgd.detectors.weights import student_state
 from lgd.errors import LGDError
 from lgd.export import FORMAT, build_student
 from lgd.methods.trainable import Trainable
-from lgd.solver import OptimizerGroup
+from lgd.methods.trainable import OptimizerGroup
 from lgd.utils.files import file_digest, load_torch_file
 
 

@@ -20,7 +20,7 @@ from lgd.choices import DISTILL_REGIONS
 from lgd.config import LGDConfig
 from lgd.detectors import DetectorView, Targets, view_of
 from lgd.methods.trainable import Trainable
-from lgd.solver import OptimizerGroup
+from lgd.methods.trainable import OptimizerGroup
 from lgd.teacher import ImplicitTeacher, TeacherOutput
 
 

@@ -14,26 +14,26 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lgd.checkpoint import (CHECKPOINT, Checkpointer, check_free_space, checkpoint_bytes, load_resume_checkpoint,
-                            prepare_output_dir, restore_rng_state)
 from lgd.config import Config, save_config
 from lgd.data import CocoDetection, build_train_loader
 from lgd.data.build import build_dataset, split_paths
 from lgd.data.loader import stop_workers
 from lgd.data.overlap import shared_images
+from lgd.engine.checkpoint import CHECKPOINT, Checkpointer, load_resume_checkpoint, restore_rng_state
+from lgd.engine.events import MetricsLog, truncate_metrics
+from lgd.engine.hooks import MetricsWriter, ModelSchedule, NanPolicy, PeriodicCheckpoint, PeriodicEval, StopOnSignal
+from lgd.engine.loss_monitor import DegenerateLossMonitor
+from lgd.engine.output_dir import check_free_space, checkpoint_bytes, prepare_output_dir
+from lgd.engine.signals import ignore_stop_signals
+from lgd.engine.solver import Optimization, build_optimization
+from lgd.engine.step import Stepper
+from lgd.engine.trainer import Trainer
 from lgd.errors import ConfigError
 from lgd.evaluation import EvalResult, check_categories, dataset_categories
 from lgd.evaluation.evaluator import evaluate
-from lgd.events import MetricsLog, truncate_metrics
-from lgd.hooks import MetricsWriter, ModelSchedule, NanPolicy, PeriodicCheckpoint, PeriodicEval, StopOnSignal
-from lgd.loss_monitor import DegenerateLossMonitor
 from lgd.methods.build import build_model
 from lgd.methods.trainable import Trainable
-from lgd.signals import ignore_stop_signals
-from lgd.solver import Optimization, build_optimization
-from lgd.step import Stepper
 from lgd.summary import training_summary
-from lgd.train_loop import Trainer
 from lgd.utils import distributed
 from lgd.utils.distributed import Context
 from lgd.utils.env import resolve_device, seed_everything

@@ -1,5 +1,5 @@
 """One training step: forward in micro-batches under autocast, a finiteness check agreed by all ranks, backward,
-clipping and every optimizer's step (lgd/solver.py); a step found non-finite is undone and reported instead."""
+clipping and every optimizer's step (lgd/engine/solver.py); a step found non-finite is undone and reported instead."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lgd.config import SolverConfig
-from lgd.solver import Optimization
+from lgd.engine.solver import Optimization
 from lgd.utils import distributed
 from lgd.utils.distributed import Context
 

@@ -7,7 +7,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -19,11 +18,11 @@ from lgd.config import Config, config_from_dict, flatten, runtime_keys, to_dict
 from lgd.data.build import build_dataset, split_paths
 from lgd.data.coco import CocoDetection
 from lgd.detectors.weights import is_lgd_state, student_state
+from lgd.engine.solver import Optimization
 from lgd.errors import LGDError, TrainingError, count
 from lgd.evaluation import Categories, check_categories, read_categories
 from lgd.methods.build import build_model
 from lgd.methods.trainable import Trainable
-from lgd.solver import Optimization
 from lgd.utils import distributed
 from lgd.utils.atomic import atomic_write
 from lgd.utils.distributed import Context
@@ -90,46 +89,6 @@ def save_checkpoint(state: dict[str, Any], out: Path, iteration: int, keep: int)
     for stale in [p for it, p in numbered if it > iteration] + history[:-keep]:
         stale.unlink(missing_ok=True)
     return path
-
-
-def prepare_output_dir(out: Path, resume: bool = False) -> None:
-    """Create ``out`` and prove it writable before any work starts; remove temporaries that killed writes left.
-
-    Raises TrainingError naming the folder and the reason, so an unwritable folder is reported before the
-    dataset is read or a model built, not at the first checkpoint hours later; and when ``out`` already holds a
-    run's checkpoint and this is not a resume, since starting afresh would overwrite that run.
-    """
-    if not resume and (out / CHECKPOINT).is_file():
-        raise TrainingError(f"output_dir {out} already holds a run ({CHECKPOINT}); continue it with --resume, or "
-                            "start a new run in another output_dir (or delete this one to start it over)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".lgd-write-test.", suffix=".tmp") as probe:
-            probe.write(b"lgd")
-            probe.flush()
-    except OSError as e:
-        raise TrainingError(f"output_dir {out} is not writable ({e.strerror or e}); choose another output_dir "
-                            "or fix its permissions") from None
-    for leftover in out.glob(".*.tmp"):  # temporaries of killed writes (atomic_write, the probe above)
-        if leftover.is_file():
-            leftover.unlink(missing_ok=True)
-
-
-def checkpoint_bytes(model: nn.Module, opt: Optimization) -> int:
-    """Size of one checkpoint: the model's state plus one SGD momentum buffer per trainable parameter."""
-    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    momentum = sum(p.numel() * p.element_size() for o in opt.optimizers for g in o.param_groups for p in g["params"])
-    return state + momentum
-
-
-def check_free_space(out: Path, needed: int) -> None:
-    """Raises TrainingError when ``out``'s file system has fewer than ``needed`` bytes free."""
-    free = shutil.disk_usage(out).free
-    if free < needed:
-        raise TrainingError(
-            f"output_dir {out} has {free / 2**20:.0f} MiB free, but this run needs about {needed / 2**20:.0f} MiB "
-            "for its checkpoints (the newest and the one being written); free space or choose another output_dir"
-        )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from typing import Iterator, Optional
 from tqdm import tqdm
 
 from lgd.data.build import to_device
+from lgd.engine.signals import StopSignals
+from lgd.engine.solver import Optimization
+from lgd.engine.step import StepResult, Stepper
 from lgd.methods.trainable import Trainable
-from lgd.signals import StopSignals
-from lgd.solver import Optimization
-from lgd.step import Stepper, StepResult
 from lgd.utils.distributed import Context
 
 

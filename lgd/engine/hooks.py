@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from lgd.checkpoint import Checkpointer
+from lgd.engine.checkpoint import Checkpointer
+from lgd.engine.events import MetricsLog
+from lgd.engine.loss_monitor import DegenerateLossMonitor
+from lgd.engine.signals import TrainingInterrupted
+from lgd.engine.trainer import Hook, Trainer
 from lgd.errors import TrainingError
 from lgd.evaluation import EvalResult, teacher_ahead
-from lgd.events import MetricsLog
-from lgd.loss_monitor import DegenerateLossMonitor
-from lgd.signals import TrainingInterrupted
-from lgd.train_loop import Hook, Trainer
 from lgd.utils import distributed
 
 

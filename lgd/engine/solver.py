@@ -13,17 +13,7 @@ import torch
 from torch import nn
 
 from lgd.config import SolverConfig
-
-
-@dataclass
-class OptimizerGroup:
-    """The modules one optimizer updates; a hyper-parameter left None is the solver config's."""
-
-    modules: list[nn.Module]
-    lr: Optional[float] = None
-    momentum: Optional[float] = None
-    weight_decay: Optional[float] = None
-    optimizer: Optional[str] = None  # "sgd" | "adamw"
+from lgd.methods.trainable import OptimizerGroup
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
