@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -27,6 +28,30 @@ from lgd.config import ModelConfig
 Targets = list[dict[str, Tensor]]
 
 
+@dataclass(frozen=True)
+class DegenerateValue:
+    """A loss value that means a branch has stopped learning, and what to tell the user about it."""
+
+    value: float
+    meaning: str
+    advice: str
+
+
+# torchvision's FCOS passes its box-regression outputs through a ReLU and decodes them as distances from each
+# location; where every output is <= 0, each predicted box has zero size, its GIoU loss is exactly 1 and no gradient
+# reaches the branch. From scratch the branch starts near that point (its outputs are ~0 at initialisation), and in
+# LGD runs the teacher's loss through the shared head can push it there for hundreds of iterations (BENCHMARKS.md,
+# "The dead box-regression branch").
+_FCOS_BOX = DegenerateValue(
+    1.0,
+    "FCOS's box-regression branch predicts zero-size boxes (every output is <= 0 after its ReLU), so its GIoU "
+    "loss is 1 and it gets no gradient: the detector is not learning where objects are",
+    "runs often recover by themselves; if it lasts, try a longer or gentler warm-up (solver.warmup_iters, "
+    "solver.warmup_factor), a lower solver.base_lr, or lgd.teacher_trains_head=false (the teacher's loss then "
+    "no longer moves the shared head)",
+)
+
+
 class DetectorView:
     """The uniform view LGD needs of one torchvision detector family.
 
@@ -38,6 +63,8 @@ class DetectorView:
     has_masks: bool = False  # predicts instance masks: its targets carry them, evaluation scores segm too
     label_offset: int = 0  # 1: class 0 is the background and the dataset's labels start at 1
     reference: dict[str, bool] = {}
+    # loss term (also with the teacher/ prefix) -> the value at which its branch has stopped learning (lgd's warning)
+    degenerate_losses: dict[str, DegenerateValue] = {}
 
     @classmethod
     def build(cls, cfg: ModelConfig, backbone: nn.Module, num_classes: int) -> nn.Module:
@@ -192,6 +219,7 @@ class RetinaNetView(OneStageView):
 class FCOSView(OneStageView):
     detector_type = FCOS
     reference = {"context_box": False, "detach_appearance": False}
+    degenerate_losses = {"bbox_regression": _FCOS_BOX}
 
     @classmethod
     def build(cls, cfg, backbone, num_classes):

@@ -1,24 +1,29 @@
-"""The training loop's hooks, one per concern.
+"""A run's hooks, one per concern, and ``build_hooks``: the list a run is made of, which callers may extend.
 
-The ``Trainer`` (lgd/train_loop.py) calls every hook around every step, on every rank, in the order that
-lgd/training.py gives: ``ModelSchedule`` (the model's windows), ``NanPolicy`` (a non-finite step: stop or skip),
-``MetricsWriter``, ``PeriodicEval``, ``StopOnSignal`` (SIGINT/SIGTERM: checkpoint and stop), ``PeriodicCheckpoint``.
+The ``Trainer`` (lgd/engine/trainer.py) calls every hook around every step, on every rank, in the list's order (and
+``after_train`` in reverse): ``ModelSchedule`` (the model's windows), ``NanPolicy`` (a non-finite step: stop or
+skip), ``LRScheduler`` (the schedule moves one iteration on), ``MetricsWriter`` (train records to the storage),
+``EvalHook`` (periodic and final evaluation), ``StopOnSignal`` (SIGINT/SIGTERM: checkpoint and stop),
+``CheckpointHook`` (resume, periodic and final checkpoints).
 """
 from __future__ import annotations
 
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from lgd.engine.checkpoint import Checkpointer
-from lgd.engine.events import MetricsLog
+from lgd.engine.events import EventStorage
+from lgd.config import Config
 from lgd.engine.loss_monitor import DegenerateLossMonitor
 from lgd.engine.signals import TrainingInterrupted
 from lgd.engine.trainer import Hook, Trainer
 from lgd.errors import TrainingError
 from lgd.evaluation import EvalResult, teacher_ahead
 from lgd.utils import distributed
+
+Evaluate = Callable[..., Optional[EvalResult]]
 
 
 class ModelSchedule(Hook):
@@ -30,21 +35,21 @@ class ModelSchedule(Hook):
 
 class NanPolicy(Hook):
     """A non-finite loss or gradient (``solver.nan_policy``): ``stop`` writes ``nan_debug_NNNNNNN.pth`` (the
-    state before the step, with every rank's loss values) and raises TrainingError; ``skip`` logs the step as
-    skipped and moves the schedule on."""
+    state before the step, with every rank's loss values) and raises TrainingError; ``skip`` records the step as
+    skipped (the schedule moves on all the same: ``LRScheduler``)."""
 
-    def __init__(self, policy: str, checkpointer: Checkpointer, log: Optional[MetricsLog]) -> None:
+    def __init__(self, policy: str, checkpointer: Checkpointer, storage: Optional[EventStorage]) -> None:
         self.policy = policy
         self.checkpointer = checkpointer
-        self.log = log
+        self.storage = storage
 
     def after_failed_step(self, trainer: Trainer) -> None:
         step, it = trainer.result, trainer.iteration
         message = step.problem(it)
         if self.policy == "skip":
-            trainer.optimization.advance()
-            if self.log is not None:
-                self.log.skip(trainer.done, step.bad_terms, step.bad_gradients, step.image_ids)
+            if self.storage is not None:
+                self.storage.put("skip", trainer.done, terms=step.bad_terms, gradients=step.bad_gradients,
+                                 image_ids=step.image_ids)
                 trainer.say(f"lgd: {message} Step skipped (solver.nan_policy=skip).")
             return
         debug = self.checkpointer.save_debug(it, step.bad_values, step.image_ids)
@@ -56,19 +61,32 @@ class NanPolicy(Hook):
         )
 
 
-class MetricsWriter(Hook):
-    """Every ``period`` iterations and at the last: the loss terms averaged over ranks, the total loss, the
-    learning rates and the seconds per iteration (mean over the steps since the last record, evaluations and
-    checkpoints left out), to metrics.jsonl / TensorBoard and the progress bar — or, without
-    a progress bar (``--no-progress``, a log file), as a printed line every ``5 * period`` iterations. The same
-    values go to ``monitor``, whose warnings (a loss term stuck at a degenerate value) are printed."""
+class LRScheduler(Hook):
+    """The learning-rate schedules move one iteration on after every step, also a skipped one: the rate is a
+    function of the iteration (``lr_factor``). Listed before ``MetricsWriter``, which records the rate that the
+    next step will use, as the schedule has always been logged."""
 
-    def __init__(self, log: Optional[MetricsLog], period: int, monitor: Optional[DegenerateLossMonitor] = None) -> None:
-        self.log = log
+    def after_step(self, trainer: Trainer) -> None:
+        trainer.optimization.advance()
+
+    def after_failed_step(self, trainer: Trainer) -> None:
+        trainer.optimization.advance()
+
+
+class MetricsWriter(Hook):
+    """Every ``period`` iterations and at the last, a train record: the loss terms averaged over ranks, the total
+    loss, the learning rates and the seconds per iteration (mean over the steps since the last record,
+    evaluations and checkpoints left out), with the seconds of those spent loading data beside it. The same
+    values go to each of ``monitors``, whose warnings (a loss term stuck at a degenerate value, a diverging loss)
+    are printed. The storage is closed at the end of the run, after every later hook's last record."""
+
+    def __init__(self, storage: Optional[EventStorage], period: int,
+                 monitors: Sequence[DegenerateLossMonitor] = ()) -> None:
+        self.storage = storage
         self.period = period
-        self.monitor = monitor
+        self.monitors = monitors
         self.started = time.perf_counter()
-        self.busy, self.steps = 0.0, 0
+        self.busy, self.loading, self.steps = 0.0, 0.0, 0
 
     def before_step(self, trainer: Trainer) -> None:
         self.started = time.perf_counter()
@@ -76,55 +94,64 @@ class MetricsWriter(Hook):
     def after_step(self, trainer: Trainer) -> None:
         # seconds per iteration: batch loading and the step, not the evaluations and checkpoints between steps
         self.busy += time.perf_counter() - self.started
+        self.loading += trainer.data_time
         self.steps += 1
         done, step = trainer.done, trainer.result
         if done % self.period and done != trainer.max_iter:
             return
         values = distributed.mean_over_ranks(trainer.ctx, {k: float(v) for k, v in step.losses.items()})
-        if self.log is not None:
+        if self.storage is not None:
             lrs = trainer.optimization.lrs()
-            seconds_per_iter = self.busy / self.steps
-            self.busy, self.steps = 0.0, 0
-            self.log.train(done, values, float(step.total), lrs, seconds_per_iter)
-            trainer.bar.set_postfix(loss=f"{float(step.total):.3f}", lr=f"{lrs[0]:.2g}")
-            if trainer.bar.disable and (done % (5 * self.period) == 0 or done == trainer.max_iter):
-                trainer.say(f"iter {done}/{trainer.max_iter}: loss {float(step.total):.3f}, lr {lrs[0]:.3g}, "
-                            f"{seconds_per_iter:.2f} s/iter")
-        if self.monitor is not None:
-            for message in self.monitor.update(done, values):
+            teacher: dict[str, Any] = {"teacher_lr": lrs[1]} if len(lrs) > 1 else {}
+            self.storage.put("train", done, extra={"data_time": self.loading / self.steps},
+                             total_loss=float(step.total), losses=values, lr=lrs[0], time=self.busy / self.steps,
+                             **teacher)
+            self.busy, self.loading, self.steps = 0.0, 0.0, 0
+        for monitor in self.monitors:
+            for message in monitor.update(done, values):
                 trainer.say(f"lgd: warning: {message}")
 
+    def after_train(self, trainer: Trainer) -> None:
+        if self.storage is not None:
+            self.storage.close()
 
-class PeriodicEval(Hook):
-    """Every ``period`` iterations (0: never) before the last: ``evaluate(desc=...)`` on val, logged and printed;
-    with ``evaluate_teacher`` (``lgd.eval_teacher``) the teacher diagnostic too, logged as split ``val_teacher``
-    and printed beside the student's AP, as the reference's EVAL_TEACHER does. The run's final evaluation calls
-    :meth:`run` itself (lgd/training.py)."""
 
-    def __init__(self, evaluate: Callable[..., Optional[EvalResult]], log: Optional[MetricsLog], period: int,
-                 evaluate_teacher: Optional[Callable[..., Optional[EvalResult]]] = None) -> None:
+class EvalHook(Hook):
+    """``evaluate(desc=...)`` on val every ``period`` iterations (0: never) before the last, and after the last
+    (writing ``out_file``): recorded and printed; with ``evaluate_teacher`` (``lgd.eval_teacher``) the teacher
+    diagnostic too, recorded as split ``val_teacher`` and printed beside the student's AP, as the reference's
+    EVAL_TEACHER does. ``final`` is the last evaluation's result (None on ranks other than 0)."""
+
+    def __init__(self, evaluate: Evaluate, storage: Optional[EventStorage], period: int, out_file: Path,
+                 evaluate_teacher: Optional[Evaluate] = None) -> None:
         self.evaluate = evaluate
         self.evaluate_teacher = evaluate_teacher
-        self.log = log
+        self.storage = storage
         self.period = period
+        self.out_file = out_file
+        self.final: Optional[EvalResult] = None
 
     def after_step(self, trainer: Trainer) -> None:
         done = trainer.done
         if not self.period or done % self.period or done >= trainer.max_iter:
             return
-        self.run(done, trainer.say, desc=f"eval@{done}")
+        self._run(done, trainer.say, desc=f"eval@{done}")
 
-    def run(self, done: int, say: Callable[[str], None], desc: str,
-            out_file: Optional[Path] = None) -> Optional[EvalResult]:
+    def after_train(self, trainer: Trainer) -> None:
+        if trainer.finished:
+            self.final = self._run(trainer.max_iter, trainer.say, "eval (val)", self.out_file)
+
+    def _run(self, done: int, say: Callable[[str], None], desc: str,
+             out_file: Optional[Path] = None) -> Optional[EvalResult]:
         """Evaluate after ``done`` iterations; returns the student's result (None on ranks other than 0)."""
         result = self.evaluate(desc=desc, out_file=out_file)
         teacher = self.evaluate_teacher(desc=f"{desc} teacher") if self.evaluate_teacher is not None else None
-        if self.log is not None:
-            self.log.eval(done, "val", result.metrics)
+        if self.storage is not None:
+            self.storage.put("eval", done, split="val", metrics=result.metrics)
             student_ap = result.metrics[result.headline]
             line = f"iter {done}: val {result.headline} {student_ap:.2f} %"
             if teacher is not None:
-                self.log.eval(done, "val_teacher", teacher.metrics)
+                self.storage.put("eval", done, split="val_teacher", metrics=teacher.metrics)
                 teacher_ap = teacher.metrics[teacher.headline]
                 verdict = "above the student: it has something to teach" if teacher_ahead(student_ap, teacher_ap) else \
                     "not above the student: a warning, not proof that distilling cannot help"
@@ -146,12 +173,19 @@ class StopOnSignal(Hook):
             raise TrainingInterrupted(signum, done, self.checkpointer.save(done), trainer.ctx.is_main)
 
 
-class PeriodicCheckpoint(Hook):
-    """A checkpoint every ``period`` iterations and after the last one."""
+class CheckpointHook(Hook):
+    """The run's checkpoints: with ``resume`` (``last.pth`` as read) its state restored before the first step, a
+    checkpoint every ``period`` iterations, and after the last iteration the last numbered checkpoint and
+    ``model_final.pth``."""
 
-    def __init__(self, checkpointer: Checkpointer, period: int) -> None:
+    def __init__(self, checkpointer: Checkpointer, period: int, resume: Optional[dict[str, Any]] = None) -> None:
         self.checkpointer = checkpointer
         self.period = period
+        self.resume = resume
+
+    def before_train(self, trainer: Trainer) -> None:
+        if self.resume is not None:
+            self.checkpointer.resume(self.resume)
 
     def after_step(self, trainer: Trainer) -> None:
         done = trainer.done
@@ -159,4 +193,15 @@ class PeriodicCheckpoint(Hook):
             self.checkpointer.save(done)
 
     def after_train(self, trainer: Trainer) -> None:
-        self.checkpointer.save(trainer.max_iter)
+        if trainer.finished:
+            self.checkpointer.save(trainer.max_iter)
+            self.checkpointer.save_final(trainer.max_iter)
+
+
+def build_hooks(cfg: Config, checkpointer: Checkpointer, storage: Optional[EventStorage], evaluation: EvalHook,
+                resume: Optional[dict[str, Any]] = None) -> list[Hook]:
+    """A training run's hooks, in their order (see the module's docstring); ``resume``: the checkpoint the run
+    continues (``last.pth`` as read). A caller adds its own after them (``train(..., extra_hooks=...)``)."""
+    return [ModelSchedule(), NanPolicy(cfg.solver.nan_policy, checkpointer, storage), LRScheduler(),
+            MetricsWriter(storage, cfg.log_period, [DegenerateLossMonitor(cfg.model.arch)]), evaluation,
+            StopOnSignal(checkpointer), CheckpointHook(checkpointer, cfg.checkpoint_period, resume)]

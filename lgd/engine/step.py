@@ -105,9 +105,10 @@ class Stepper:
             mean = flags[0] / (self.ctx.world_size * self.accumulate)
             total_mean = mean if total_mean is None else total_mean + mean
         # Gradients are the same on every rank now (averaged), so every rank finds the same bad ones.
-        bad_params = self.opt.step(self.scaler)
+        bad_params = self.opt.nonfinite_gradients(self.scaler)
         if bad_params:
             return self._failed(sums, targets, buffers, [self.names[id(p)] for p in bad_params])
+        self.opt.step(self.scaler)
         return StepResult(losses=sums, total=total_mean, stop=stop)
 
     def _failed(self, losses: dict[str, Tensor], targets: list[dict], buffers: list[tuple[Tensor, Tensor]],
