@@ -57,6 +57,11 @@ RESULTS = Path(__file__).parent / "results"
 METRICS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl")
 CALIBRATION_STEPS = 30
 # Priorities: the equal-iteration pairs first, then the equal-time baselines, then ablations.
+# Every run here sets its own schedule (``stretched``) and batch, and the overrides that identify a finished run
+# (result.json) predate the schedule scaling and the linear scaling rule: both are off under them (the overrides
+# may still turn them on), so an override of max_iter or data.batch_size means what it meant when those runs were
+# recorded.
+AS_RECORDED = ["solver.scale_schedule=false", "solver.reference_batch_size=0"]
 MAIN, EQUAL_TIME, ABLATION = 0, 1, 2
 
 
@@ -79,7 +84,7 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, AS_RECORDED + overrides)
     done = Path(cfg.output_dir) / "result.json"
     metrics_file = Path(cfg.output_dir) / "metrics.jsonl"
     if done.is_file() and json.loads(done.read_text()).get("overrides") == overrides:
@@ -119,8 +124,8 @@ def calibrate_one(config: str, overrides: list[str]) -> float:
     from lgd.engine.training import train
 
     torch.set_num_threads(1)
-    cfg = load_config(config, overrides + [f"solver.max_iter={CALIBRATION_STEPS}", "log_period=5", "eval_period=0",
-                                           f"checkpoint_period={CALIBRATION_STEPS}"])
+    cfg = load_config(config, AS_RECORDED + overrides + [f"solver.max_iter={CALIBRATION_STEPS}", "log_period=5",
+                                                         "eval_period=0", f"checkpoint_period={CALIBRATION_STEPS}"])
     shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a throwaway timing run: an earlier one is not resumed
     train(cfg, progress=False)
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         common += regime_overrides + (["lgd.freeze_backbone_iters=1"] if args.quick else [])
     prefix = "regime" if args.regime == "pretrained" else "synthetic"
     configs = {a: args.config or str(ROOT / "configs" / f"{prefix}_{a}_lgd.yaml") for a in args.arch}
-    cfgs = {a: load_config(configs[a], common) for a in args.arch}
+    cfgs = {a: load_config(configs[a], AS_RECORDED + common) for a in args.arch}
     for cfg in cfgs.values():
         split_paths(cfg, "train")  # generate the built-in dataset once, before parallel runs look for it
     ablations = [parse_ablation(a) for a in args.ablation]
@@ -360,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["archs"][arch]["step_time_ratio_source"] = (
                 "given or measured from quiet pairs (--step-ratio / --measure-step-ratio)" if arch in given_ratio
                 else "median over seeds of the equal-iteration runs' own s/iter ratios")
-            base_cfg = load_config(configs[arch], pairs[0][0]["overrides"])
+            base_cfg = load_config(configs[arch], AS_RECORDED + pairs[0][0]["overrides"])
             for seed in args.seeds:
                 overrides = stretched(spec(arch, seed, "baseline_eqtime", kinds["baseline"] + sched[arch]),
                                       base_cfg, ratio)
@@ -456,7 +461,7 @@ def fgfi_jobs(args, configs: dict, spec, sched: dict, chosen: dict, report: dict
         for arch in args.arch:
             base = spec(arch, 0, f"fgfi_teacher_x{factor:g}", ["distill.method=none"] + sched[arch])
             runs.append(Job(MAIN, len(runs), (arch, "fgfi_teacher", 0),
-                            stretched(base, load_config(configs[arch], base), factor), False,
+                            stretched(base, load_config(configs[arch], AS_RECORDED + base), factor), False,
                             round(chosen[arch] * factor)))
         done, _, failed = _run_jobs(configs, runs, args.parallel, lambda results: [], math.inf)
         for job in runs:

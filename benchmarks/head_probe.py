@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lgd.config import load_config  # noqa: E402
 from lgd.data import build_train_loader  # noqa: E402
 from lgd.data.build import build_dataset, to_device  # noqa: E402
-from lgd.engine.solver import build_optimization  # noqa: E402
+from lgd.engine.solver import build_optimization, linear_lr_scale  # noqa: E402
 from lgd.methods.build import build_model  # noqa: E402
 from lgd.utils.env import seed_everything  # noqa: E402
 
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     seed_everything(cfg.seed)
     dataset = build_dataset(cfg, "train", train=True)
     model = build_model(cfg, dataset.num_classes).train()
-    opt = build_optimization(model.optimizer_groups(), cfg.solver)
+    opt = build_optimization(model.optimizer_groups(), cfg.solver,
+                             linear_lr_scale(cfg.data.batch_size, cfg.solver.reference_batch_size))
     student = model.student
     bbox_reg = student.head.regression_head.bbox_reg
     seen: dict[str, list] = {"fpn": [], "alive": []}

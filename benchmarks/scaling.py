@@ -36,7 +36,7 @@ DEMO = ROOT / "configs" / "synthetic_retinanet_lgd.yaml"
 # (a oneDNN fault with stride-2 convolutions on 1x1 maps, FPN's P7), which lgd stops on.
 QUICK = ["data.synth.num_train=16", "data.synth.num_val=4", "data.synth.num_test=4", "data.synth.size=64",
          "model.fpn_channels=32", "model.min_size=[128]", "model.max_size=128", "data.batch_size=2",
-         "data.eval_batch_size=4", "data.workers=0"]
+         "solver.reference_batch_size=2", "data.eval_batch_size=4", "data.workers=0"]
 
 
 def run(config: Path, overrides: list[str], processes: int, threads: int, out: Path) -> dict:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Past pre-distillation, so that the student also gets the distillation gradient, as in most of a run.
     overrides = (QUICK if args.quick else []) + [
         f"solver.max_iter={iters}", f"log_period={log_period}", f"checkpoint_period={iters}", "eval_period=0",
-        "lgd.pre_distill_iters=0"]
+        "lgd.pre_distill_iters=0", "solver.scale_schedule=false"]  # the recipe's warm-up and steps, as measured
     config = Path(args.config)
     cores = max(args.cores, 2)
     plan = {

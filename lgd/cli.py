@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,7 @@ from lgd.config import SynthConfig
 from lgd.errors import LGDError, count, user_message
 from lgd.evaluation import EvalResult, format_percent, teacher_ahead
 from lgd.utils.files import to_json
+from lgd.utils.streams import outliving_reader
 
 OVERRIDES_HELP = "config overrides as dotted KEY=VALUE, e.g. solver.max_iter=200 data.train.root=/data/coco/train2017"
 
@@ -327,8 +329,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_summary(args: argparse.Namespace) -> None:
     from lgd.data.build import split_paths
+    from lgd.engine.summary import parameter_counts
     from lgd.evaluation import read_categories
-    from lgd.summary import parameter_counts
 
     cfg = _load(args)
     k = args.num_classes
@@ -342,7 +344,8 @@ def cmd_config(args: argparse.Namespace) -> None:
 
     if args.config or args.overrides:
         cfg = _load(args)
-        print(f"# resolved from: {cfg.source}\n{dump_config(cfg)}", end="")
+        scaled = f"# scaled with solver.max_iter: {cfg.scaled}\n" if cfg.scaled else ""
+        print(f"# resolved from: {cfg.source}\n{scaled}{dump_config(cfg)}", end="")
     else:
         print(describe())
 
@@ -410,17 +413,20 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _format_warning
-    try:
-        status = COMMANDS[args.command](args)
-    except LGDError as e:
-        print(f"lgd: error: {user_message(e)}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # output piped into `head` and the like
-        return 0
-    except KeyboardInterrupt:
-        print("\nlgd: interrupted. The last checkpoint is intact; continue with the same command and --resume.",
-              file=sys.stderr)
-        return 130
+    # Training outlives its reader (`2>&1 | tee log` and Ctrl-C to the process group): a closed pipe must not cost
+    # the checkpoint or the exit status, only the lines. Other commands stop quietly, as `| head` expects.
+    with outliving_reader() if args.command == "train" else nullcontext():
+        try:
+            status = COMMANDS[args.command](args)
+        except LGDError as e:
+            print(f"lgd: error: {user_message(e)}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:  # output piped into `head` and the like
+            return 0
+        except KeyboardInterrupt:
+            print("\nlgd: interrupted. The last checkpoint is intact; continue with the same command and --resume.",
+                  file=sys.stderr)
+            return 130
     return status or 0
 
 

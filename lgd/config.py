@@ -111,9 +111,17 @@ class ModelConfig:
 @dataclass
 class SolverConfig:
     max_iter: int = _f(180000, "training iterations")
+    scale_schedule: bool = _f(True, "when an override changes the max_iter of a config file, the iteration counts "
+                                    "the override leaves alone (solver.steps, solver.warmup_iters, "
+                                    "lgd.pre_distill_iters, lgd.post_distill_iters, lgd.freeze_backbone_iters, "
+                                    "fgfi.warmup_iters) scale with it; false keeps the file's")
     optimizer: str = _f("sgd", "student (and adapter) optimiser: sgd | adamw (torch.optim.AdamW, betas 0.9/0.999, "
                                "as the reference's Swin-T recipes)")
-    base_lr: float = _f(0.01, "student learning rate")
+    base_lr: float = _f(0.01, "student learning rate at solver.reference_batch_size images per iteration")
+    reference_batch_size: int = _f(0, "the batch base_lr and lgd.teacher_lr are tuned for: both follow "
+                                      "data.batch_size (the global batch of all processes) by the linear scaling "
+                                      "rule, lr x data.batch_size / this (detectron2's REFERENCE_WORLD_SIZE); every "
+                                      "config in configs/ states its own batch, so the factor is 1 there; 0 = off")
     momentum: float = _f(0.9, "SGD momentum (AdamW ignores it)")
     weight_decay: float = _f(1e-4, "student weight decay (AdamW: decoupled), on every parameter unless the two keys "
                                    "below say otherwise (reference)")
@@ -206,6 +214,8 @@ class Config:
     # Where load_config read this config ("FILE KEY=VALUE ..."), for messages. Not a field: never saved in
     # config.yaml nor compared on --resume.
     source: ClassVar[str] = "defaults"
+    # What load_config scaled with solver.max_iter ("" when nothing), for the training summary; not a field either.
+    scaled: ClassVar[str] = ""
 
 
 # The values a string key may take: the tuples of lgd.choices, which the implementations import too.
@@ -363,23 +373,66 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     setattr(node, leaf, _coerce(key, value, annotation))
 
 
+# The iteration counts that shape a schedule, scaled with solver.max_iter (solver.scale_schedule). The periods
+# (checkpoint_period, eval_period, log_period) are left out: they set how often a run costs time or saves its
+# state, not where its phases fall.
+SCHEDULE_KEYS = ("solver.steps", "solver.warmup_iters", "lgd.pre_distill_iters", "lgd.post_distill_iters",
+                 "lgd.freeze_backbone_iters", "fgfi.warmup_iters")
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    """The value of a dotted key such as ``solver.max_iter``."""
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None) -> Config:
     """Defaults, then the YAML file, then ``key=value`` overrides, in that order.
 
-    A YAML file may name a ``_base_`` file (relative to itself) whose values it extends.
+    A YAML file may name a ``_base_`` file (relative to itself) whose values it extends. When the overrides change
+    the file's ``solver.max_iter`` (and ``solver.scale_schedule`` is on), every key of ``SCHEDULE_KEYS`` they do not
+    set themselves is multiplied by new / old max_iter, rounded, so the recipe's phases keep their place in the
+    longer or shorter run (detectron2 scales its schedule the same way with the batch); ``Config.scaled`` says what
+    changed. Without a file the defaults are kept as they are.
+
+    Raises:
+        ConfigError: a missing or malformed file, an unknown key, a value of the wrong type, or a failed
+            cross-field check (``validate``).
     """
     cfg = Config()
     if path:
         for key, value in _read_yaml(Path(path)).items():
             set_key(cfg, key, value)
+    recipe_iters = cfg.solver.max_iter
+    given: set[str] = set()
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. solver.max_iter=200)")
         key, value = item.split("=", 1)
         set_key(cfg, key.strip(), _yaml_value(key.strip(), value) if value.strip() else "")
+        given.add(key.strip())
+    if path and cfg.solver.scale_schedule and cfg.solver.max_iter != recipe_iters:
+        cfg.scaled = _scale_schedule(cfg, cfg.solver.max_iter / recipe_iters, given)
     validate(cfg)
     cfg.source = " ".join([str(path) if path else "defaults", *(overrides or [])])
     return cfg
+
+
+def _scale_schedule(cfg: Config, factor: float, given: set[str]) -> str:
+    """Multiplies the iteration counts of ``SCHEDULE_KEYS`` not in ``given`` by ``factor``; what changed, as
+    "key old -> new" items (empty when nothing did)."""
+    changes = []
+    for key in SCHEDULE_KEYS:
+        if key in given:
+            continue
+        old = get_key(cfg, key)
+        new = [round(v * factor) for v in old] if isinstance(old, list) else round(old * factor)
+        if new != old:
+            set_key(cfg, key, new)
+            changes.append(f"{key} {old} -> {new}")
+    return ", ".join(changes)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -409,6 +462,9 @@ def validate(cfg: Config) -> None:
     if cfg.solver.accumulate < 1 or cfg.data.batch_size % cfg.solver.accumulate:
         raise ConfigError(f"solver.accumulate must be a positive divisor of data.batch_size={cfg.data.batch_size}; "
                           f"got {cfg.solver.accumulate}")
+    if cfg.solver.reference_batch_size < 0:
+        raise ConfigError(f"solver.reference_batch_size must be positive, or 0 to turn the linear scaling rule off; "
+                          f"got {cfg.solver.reference_batch_size}")
     if cfg.solver.clip_type != "none" and cfg.solver.clip_value <= 0:
         raise ConfigError(f"solver.clip_value must be positive with solver.clip_type={cfg.solver.clip_type}; got "
                           f"{cfg.solver.clip_value} (solver.clip_type=none turns clipping off)")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -126,3 +128,42 @@ def test_runtime_keys_are_where_and_how_fast_a_run_runs():
 
     assert runtime_keys() == {"output_dir", "device", "threads", "data.workers", "keep_checkpoints",
                               "checkpoint_period", "log_period", "eval_period", "solver.nan_policy", "fgfi.teacher"}
+
+
+def test_overriding_only_max_iter_scales_the_recipes_schedule(tmp_path):
+    """The README's own-data example: 20x the iterations of a 1,000-iteration recipe, whose LR steps [800, 930]
+    cut the rate 100x by iteration 930 unless they follow (issue 26)."""
+    recipe = Path(__file__).parent.parent / "configs" / "synthetic_retinanet_lgd.yaml"
+    cfg = load_config(recipe, ["solver.max_iter=20000"])
+    assert cfg.solver.steps == [16000, 18600]
+    assert (cfg.solver.warmup_iters, cfg.lgd.pre_distill_iters, cfg.fgfi.warmup_iters) == (2000, 3400, 8000)
+    assert cfg.checkpoint_period == load_config(recipe).checkpoint_period  # periods are not the schedule
+    assert cfg.scaled.startswith("solver.steps [800, 930] -> [16000, 18600], solver.warmup_iters 100 -> 2000")
+    pinned = load_config(recipe, ["solver.max_iter=20000", "solver.steps=[900]"])
+    assert pinned.solver.steps == [900] and pinned.solver.warmup_iters == 2000  # an explicit override is kept
+    kept = load_config(recipe, ["solver.max_iter=20000", "solver.scale_schedule=false"])
+    assert kept.solver.steps == [800, 930] and kept.scaled == ""
+    assert load_config(None, ["solver.max_iter=20000"]).solver.steps == [120000, 160000]  # no file: defaults kept
+    assert load_config(recipe, ["solver.max_iter=1000"]).scaled == ""  # the recipe's own length
+
+
+def test_the_summary_says_what_was_scaled_and_warns_of_an_early_last_step(tiny_config, tmp_path):
+    import torch
+
+    from lgd.data.build import build_dataset
+    from lgd.engine.summary import training_summary
+    from lgd.methods.build import build_model
+    from lgd.utils.distributed import Context
+
+    recipe = tmp_path / "recipe.yaml"
+    save_config(tiny_config("solver.max_iter=10", "solver.steps=[8]", "solver.warmup_iters=2"), recipe)
+    cpu = Context(device=torch.device("cpu"))
+    scaled = load_config(recipe, ["solver.max_iter=20"])
+    val = build_dataset(scaled, "val", train=False)
+    model = build_model(scaled, val.num_classes)
+    text = training_summary(scaled, cpu, val, val, model, 0)
+    assert "scaled    with solver.max_iter=20 (solver.scale_schedule=false keeps the file's): solver.steps [8] -> " \
+           "[16], solver.warmup_iters 2 -> 4" in text
+    early = load_config(recipe, ["solver.max_iter=20", "solver.steps=[8]"])
+    assert "WARNING: the last of solver.steps=[8] falls before half the run, which then trains at 0.1 x the " \
+           "learning rate" in training_summary(early, cpu, val, val, model, 0)

@@ -170,8 +170,8 @@ def test_the_teacher_is_evaluated_on_val_during_training(tiny_config, capsys, ov
 
 def test_the_summary_warns_about_a_schedule_that_reaches_past_the_run(tiny_config):
     from lgd.data.build import build_dataset
+    from lgd.engine.summary import training_summary
     from lgd.methods.build import build_model
-    from lgd.summary import training_summary
     from lgd.utils.distributed import Context
 
     cfg = tiny_config("solver.max_iter=30", "solver.warmup_iters=100", "solver.steps=[20,40]")

@@ -19,7 +19,7 @@ from lgd.engine.checkpoint import CHECKPOINT, FINAL, load_checkpoint
 from lgd.engine.signals import StopSignals, TrainingInterrupted, ignore_stop_signals
 from lgd.engine.step import Stepper
 from lgd.engine.training import train
-from lgd.errors import TrainingError
+from lgd.errors import DatasetError, TrainingError
 from lgd.methods.lgd import LGD
 
 REPO = Path(__file__).parent.parent
@@ -35,7 +35,8 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
     end = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
-            pytest.fail(f"lgd train ended (status {proc.returncode}) too early:\n{proc.stderr.read()[-3000:]}")
+            output = proc.stderr.read()[-3000:] if proc.stderr else "(its output went to a pipe the test reads not)"
+            pytest.fail(f"lgd train ended (status {proc.returncode}) too early:\n{output}")
         if time.monotonic() > end:
             proc.kill()
             pytest.fail("timed out waiting for lgd train")
@@ -274,3 +275,60 @@ def test_a_process_that_trained_with_loader_workers_exits(tiny_config, tmp_path)
     except subprocess.TimeoutExpired:
         pytest.fail("the process did not exit after training")
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_sigint_to_the_process_group_with_the_reader_gone_checkpoints_and_exits_130(tiny_config, tmp_path):
+    """`lgd train ... 2>&1 | tee log` and Ctrl-C: the terminal's SIGINT reaches the whole process group, tee dies
+    of it, and lgd's next line meets a closed pipe. That line (the signal's announcement) aborted the step before
+    its checkpoint, and the exit status said success (issue 26)."""
+    run = tmp_path / "piped"
+    config = tmp_path / "piped.yaml"
+    save_config(tiny_config(f"output_dir={run}", "solver.max_iter=100000", "checkpoint_period=100000",
+                            "log_period=1", "eval_period=0"), config)
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "lgd", "train", "-c", str(config), "--no-progress"], cwd=REPO,
+                            env=ENV, stdout=write, stderr=write, start_new_session=True)
+    os.close(write)
+    try:
+        _wait_for(proc, lambda: (run / "metrics.jsonl").is_file() and '"train"' in (run / "metrics.jsonl").read_text())
+        assert not (run / CHECKPOINT).exists()
+        os.close(read)  # the reader goes first, as tee does when the group's SIGINT reaches it
+        read = None
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=240) == 130
+    finally:
+        if read is not None:
+            os.close(read)
+        if proc.poll() is None:
+            proc.kill()
+    stopped = load_checkpoint(run / CHECKPOINT)["iteration"]
+    assert 1 <= stopped < 100000
+
+
+def test_an_image_that_cannot_be_decoded_mid_run_stops_after_a_checkpoint(tiny_config, synth_root, tmp_path):
+    """A training image truncated on disk is first read at iteration 4: the run stops there with the file named
+    and a checkpoint of the 3 steps done (none was due), and resumes once the file is whole again (issue 26)."""
+    import shutil
+
+    from lgd.data.build import build_dataset
+    from lgd.data.loader import TrainBatchSampler, _aspect_ratios
+
+    images = tmp_path / "train"
+    shutil.copytree(synth_root / "train", images)
+    cfg = tiny_config(f"data.train.root={images}", "solver.max_iter=6", "checkpoint_period=1000")
+    dataset = build_dataset(cfg, "train", train=True)
+    batches = iter(TrainBatchSampler(_aspect_ratios(dataset), cfg.data.batch_size, cfg.seed))
+    seen = {idx for _ in range(3) for idx, _ in next(batches)}
+    bad = images / dataset.image_info(next(idx for idx, _ in next(batches) if idx not in seen))["file_name"]
+    whole = bad.read_bytes()
+    bad.write_bytes(whole[:len(whole) // 2])
+
+    with pytest.raises(DatasetError, match=rf"{bad.name} cannot be read: .*truncated.*Stopped before iteration 4 and "
+                                           r"wrote .*model_0000003\.pth; fix or replace the file and continue with "
+                                           r"the same command and --resume"):
+        train(cfg, progress=False)
+    assert load_checkpoint(Path(cfg.output_dir) / CHECKPOINT)["iteration"] == 3
+
+    bad.write_bytes(whole)
+    train(cfg, resume=True, progress=False)
+    assert load_checkpoint(Path(cfg.output_dir) / FINAL)["iteration"] == 6

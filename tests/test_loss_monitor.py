@@ -1,4 +1,5 @@
-from lgd.engine.loss_monitor import DegenerateLossMonitor
+from lgd.engine.loss_monitor import DegenerateLossMonitor, DivergenceMonitor
+from lgd.engine.training import train
 
 
 def test_a_dead_fcos_box_branch_is_reported_once_then_its_recovery():
@@ -21,3 +22,28 @@ def test_a_brief_visit_and_other_detectors_are_not_reported():
     assert not [m for it, v in enumerate(values) for m in monitor.update(it, {"bbox_regression": v})]
     retina = DegenerateLossMonitor("retinanet", patience=1)  # its bbox_regression is an L1 loss: 1.0 means nothing
     assert retina.update(0, {"bbox_regression": 1.0}) == []
+
+
+def test_the_divergence_monitor_warns_once_above_three_times_the_early_loss():
+    falling = DivergenceMonitor()
+    assert not [m for it, loss in enumerate([3.0, 2.5, 2.0, 1.8, 1.5, 1.2, 1.0]) for m in falling.update(it, {"a": loss})]
+    rising = DivergenceMonitor()
+    messages = [m for it, loss in enumerate([1.0, 1.0, 1.0, 2.0, 4.0, 5.0, 9.0, 20.0])
+                for m in rising.update(it, {"classification": loss / 2, "bbox_regression": loss / 2,
+                                            "teacher/classification": 1.0, "loss_distill": 100.0 * it})]
+    assert len(messages) == 1  # 2, 4, 5 average 3.67 > 3 x 1.0 at record 5; later records say nothing more
+    assert messages[0].startswith("iteration 5: the loss is diverging: 3.667 (mean of the last 3 records) is more "
+                                  "than 3x its early level 1 (mean of the first 3)")
+    assert "lower solver.base_lr" in messages[0] and "solver.reference_batch_size" in messages[0]
+    distillation_only = DivergenceMonitor()  # the teacher's terms and the distillation loss are not the student's
+    assert not [m for it in range(9) for m in distillation_only.update(it, {"a": 1.0, "loss_distill": 10.0 ** it})]
+
+
+def test_a_recipe_made_to_diverge_is_reported_in_the_log(tiny_config, capsys):
+    cfg = tiny_config("lgd.enabled=false", "lgd.eval_teacher=false", "solver.base_lr=2", "solver.clip_type=none",
+                      "solver.warmup_iters=1", "solver.steps=[]", "solver.max_iter=8", "checkpoint_period=100",
+                      "solver.nan_policy=skip")
+    train(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert "lgd: warning: iteration" in out and "the loss is diverging" in out
+    assert "more than 3x its early level" in out and "What to try: a lower solver.base_lr" in out

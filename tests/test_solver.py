@@ -3,9 +3,15 @@ import pytest
 import torch
 from torch import nn
 
+from pathlib import Path
+
 from lgd.config import load_config
-from lgd.engine.solver import Optimization, build_optimization, make_optimizer
+from lgd.data.build import build_dataset
+from lgd.engine.solver import Optimization, build_optimization, linear_lr_scale, make_optimizer
+from lgd.engine.summary import training_summary
 from lgd.errors import ConfigError
+from lgd.methods.build import build_model
+from lgd.utils.distributed import Context
 
 from helpers import tiny_detector, tiny_lgd
 
@@ -90,3 +96,32 @@ def test_the_replaced_norm_clipping_key_says_what_to_write(tmp_path):
     path.write_text("solver:\n  clip_grad_norm: 1.0\n")
     with pytest.raises(ConfigError, match="solver.clip_type=norm"):
         load_config(path)
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def test_every_recipe_states_its_own_batch_as_the_reference():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.solver.reference_batch_size == cfg.data.batch_size, path.name
+    assert load_config(None).solver.reference_batch_size == 0  # the defaults keep the rule off
+
+
+def test_a_smaller_batch_scales_both_learning_rates_and_the_summary_says_so(tiny_config):
+    cfg = tiny_config("solver.reference_batch_size=8", "solver.base_lr=0.02", "lgd.teacher_lr=0.04")
+    model = build_model(cfg, 8)
+    scale = linear_lr_scale(cfg.data.batch_size, cfg.solver.reference_batch_size)
+    assert scale == 0.25  # the global batch 2 of the reference 8
+    optimization = build_optimization(model.optimizer_groups(), cfg.solver, scale)
+    assert [o.param_groups[0]["initial_lr"] for o in optimization.optimizers] == pytest.approx([0.005, 0.01])
+    val = build_dataset(cfg, "val", train=False)
+    cpu = Context(device=torch.device("cpu"))
+    text = training_summary(cfg, cpu, val, val, model, 0)
+    assert "sgd lr 0.005 = solver.base_lr 0.02 x 2 / 8 (linear scaling rule" in text
+    assert "solver.reference_batch_size=0 turns it off" in text
+    off = tiny_config()
+    assert linear_lr_scale(off.data.batch_size, 0) == 1.0
+    assert "sgd lr 0.01 (linear scaling rule off" in training_summary(off, cpu, val, val, model, 0)
+    with pytest.raises(ConfigError, match="solver.reference_batch_size must be positive, or 0"):
+        tiny_config("solver.reference_batch_size=-1")

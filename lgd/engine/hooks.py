@@ -4,22 +4,23 @@ The ``Trainer`` (lgd/engine/trainer.py) calls every hook around every step, on e
 ``after_train`` in reverse): ``ModelSchedule`` (the model's windows), ``NanPolicy`` (a non-finite step: stop or
 skip), ``LRScheduler`` (the schedule moves one iteration on), ``MetricsWriter`` (train records to the storage),
 ``EvalHook`` (periodic and final evaluation), ``StopOnSignal`` (SIGINT/SIGTERM: checkpoint and stop),
-``CheckpointHook`` (resume, periodic and final checkpoints).
+``CheckpointHook`` (resume, periodic and final checkpoints), ``CheckpointOnDataError`` (an image that cannot be
+loaded: a checkpoint, then the error).
 """
 from __future__ import annotations
 
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
+from lgd.config import Config
 from lgd.engine.checkpoint import Checkpointer
 from lgd.engine.events import EventStorage
-from lgd.config import Config
-from lgd.engine.loss_monitor import DegenerateLossMonitor
+from lgd.engine.loss_monitor import DegenerateLossMonitor, DivergenceMonitor
 from lgd.engine.signals import TrainingInterrupted
 from lgd.engine.trainer import Hook, Trainer
-from lgd.errors import TrainingError
+from lgd.errors import DatasetError, TrainingError, user_message
 from lgd.evaluation import EvalResult, teacher_ahead
 from lgd.utils import distributed
 
@@ -81,7 +82,7 @@ class MetricsWriter(Hook):
     are printed. The storage is closed at the end of the run, after every later hook's last record."""
 
     def __init__(self, storage: Optional[EventStorage], period: int,
-                 monitors: Sequence[DegenerateLossMonitor] = ()) -> None:
+                 monitors: Sequence[Union[DegenerateLossMonitor, DivergenceMonitor]] = ()) -> None:
         self.storage = storage
         self.period = period
         self.monitors = monitors
@@ -198,10 +199,38 @@ class CheckpointHook(Hook):
             self.checkpointer.save_final(trainer.max_iter)
 
 
+class CheckpointOnDataError(Hook):
+    """A checkpoint before a batch that cannot be loaded stops the run (issue 26): what trained since the last
+    periodic checkpoint is kept, and once the file is fixed, ``--resume`` reads the same batch again and continues
+    exactly. The error is raised again with the checkpoint named.
+
+    A single process only: under torchrun the other processes are already in the next step's collectives, which
+    a checkpoint (itself collective) would block; there the last periodic checkpoint is what resumes.
+    """
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def on_data_error(self, trainer: Trainer, error: DatasetError) -> None:
+        done = trainer.iteration  # steps completed; the failed batch is that of iteration ``done`` (0-based)
+        error = user_message(error)  # without the DataLoader worker's traceback
+        if trainer.ctx.distributed:
+            raise DatasetError(f"{error}. Stopped before iteration {done + 1}; fix or replace the file and resume "
+                               f"from the last periodic checkpoint with the same command and --resume") from None
+        if done == trainer.start:
+            raise DatasetError(f"{error}. Stopped before iteration {done + 1}, with nothing trained since "
+                               f"{'the last checkpoint' if done else 'the start'}; fix or replace the file and run "
+                               f"the same command{' with --resume' if done else ''}") from None
+        path = self.checkpointer.save(done)
+        raise DatasetError(f"{error}. Stopped before iteration {done + 1} and wrote {path}; fix or replace the "
+                           f"file and continue with the same command and --resume") from None
+
+
 def build_hooks(cfg: Config, checkpointer: Checkpointer, storage: Optional[EventStorage], evaluation: EvalHook,
                 resume: Optional[dict[str, Any]] = None) -> list[Hook]:
     """A training run's hooks, in their order (see the module's docstring); ``resume``: the checkpoint the run
     continues (``last.pth`` as read). A caller adds its own after them (``train(..., extra_hooks=...)``)."""
     return [ModelSchedule(), NanPolicy(cfg.solver.nan_policy, checkpointer, storage), LRScheduler(),
-            MetricsWriter(storage, cfg.log_period, [DegenerateLossMonitor(cfg.model.arch)]), evaluation,
-            StopOnSignal(checkpointer), CheckpointHook(checkpointer, cfg.checkpoint_period, resume)]
+            MetricsWriter(storage, cfg.log_period, [DegenerateLossMonitor(cfg.model.arch), DivergenceMonitor()]),
+            evaluation, StopOnSignal(checkpointer), CheckpointHook(checkpointer, cfg.checkpoint_period, resume),
+            CheckpointOnDataError(checkpointer)]

@@ -44,8 +44,14 @@ class StopSignals:
             raise KeyboardInterrupt
         self.received = signum
         if self.announce:
-            print(f"\nlgd: {signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
-                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+            # Nothing the announcement meets may escape: raised here, it would abort the step this signal
+            # interrupted, and its checkpoint. A closed reader (lgd/utils/streams.py), or a write to stderr that the
+            # signal interrupted (the buffer's "reentrant call" RuntimeError), costs only the line.
+            try:
+                print(f"\nlgd: {signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+                      "(send it again to stop at once)", file=sys.stderr, flush=True)
+            except (OSError, RuntimeError):
+                pass
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():

@@ -138,11 +138,21 @@ class Optimization:
             s.load_state_dict(st)
 
 
-def build_optimization(groups: list[OptimizerGroup], s: SolverConfig) -> Optimization:
+def linear_lr_scale(batch_size: int, reference_batch_size: int) -> float:
+    """The linear scaling rule's factor on every learning rate (Goyal et al., 2017, "Accurate, Large Minibatch
+    SGD"; detectron2's ``SOLVER.REFERENCE_WORLD_SIZE``): ``batch_size / reference_batch_size``, both in images per
+    iteration of all processes together (``data.batch_size`` is the global batch); 1 when the reference is 0 (the
+    rule off)."""
+    return batch_size / reference_batch_size if reference_batch_size else 1.0
+
+
+def build_optimization(groups: list[OptimizerGroup], s: SolverConfig, lr_scale: float = 1.0) -> Optimization:
     """One optimizer per group, in order (``make_optimizer``; ``s.optimizer`` unless the group names its own),
-    each scheduled by ``lr_factor`` and clipped as the solver config ``s`` says."""
+    each scheduled by ``lr_factor`` and clipped as the solver config ``s`` says; every group's learning rate is
+    multiplied by ``lr_scale`` (``linear_lr_scale``)."""
     optimizers = [
-        make_optimizer(g.modules, s.base_lr if g.lr is None else g.lr, s.momentum if g.momentum is None else g.momentum,
+        make_optimizer(g.modules, lr_scale * (s.base_lr if g.lr is None else g.lr),
+                       s.momentum if g.momentum is None else g.momentum,
                        s.weight_decay if g.weight_decay is None else g.weight_decay, s.weight_decay_norm,
                        s.weight_decay_bias, s.optimizer if g.optimizer is None else g.optimizer)
         for g in groups

@@ -19,6 +19,7 @@ from lgd.data.loader import stop_workers
 from lgd.engine.signals import StopSignals
 from lgd.engine.solver import Optimization
 from lgd.engine.step import Stepper, StepResult
+from lgd.errors import DatasetError
 from lgd.methods.trainable import Trainable
 from lgd.utils.distributed import Context
 
@@ -41,6 +42,10 @@ class Hook:
 
     def after_failed_step(self, trainer: Trainer) -> None:
         """After a step whose loss or gradient was not finite on some rank: nothing changed."""
+
+    def on_data_error(self, trainer: Trainer, error: DatasetError) -> None:
+        """When the batch of ``trainer.iteration`` could not be loaded (an image that cannot be decoded): the
+        model is as the last step left it. The loop raises ``error`` after every hook, unless a hook raises."""
 
     def after_train(self, trainer: Trainer) -> None:
         """At the end of the run, still under ``StopSignals``: ``trainer.finished`` says whether every iteration
@@ -78,7 +83,8 @@ class Trainer:
             self.bar.write(message)
 
     def train(self) -> None:
-        """The run: raises what a hook raises (TrainingError, TrainingInterrupted) after the step."""
+        """The run: raises what a hook raises (TrainingError, TrainingInterrupted) after the step, and the
+        DatasetError of a batch that could not be loaded (after ``on_data_error``)."""
         self.stepper.net.train()
         for hook in self.hooks:
             hook.before_train(self)
@@ -105,7 +111,13 @@ class Trainer:
     def run_step(self) -> None:
         """This iteration's batch, on the device, through one step (``trainer.result``)."""
         loading = time.perf_counter()
-        images, targets = to_device(*next(self.batches), self.ctx.device)
+        try:
+            batch = next(self.batches)
+        except DatasetError as error:
+            for hook in self.hooks:
+                hook.on_data_error(self, error)
+            raise
+        images, targets = to_device(*batch, self.ctx.device)
         self.data_time = time.perf_counter() - loading
         self.result = self.stepper(images, targets, stop_requested=self.signals.received is not None)
         self.bar.update(1)

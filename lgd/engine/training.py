@@ -24,15 +24,15 @@ from lgd.engine.events import ConsoleWriter, EventStorage, JSONWriter, Tensorboa
 from lgd.engine.hooks import EvalHook, build_hooks
 from lgd.engine.output_dir import check_free_space, checkpoint_bytes, prepare_output_dir
 from lgd.engine.signals import ignore_stop_signals
-from lgd.engine.solver import build_optimization
+from lgd.engine.solver import build_optimization, linear_lr_scale
 from lgd.engine.step import Stepper
+from lgd.engine.summary import training_summary
 from lgd.engine.trainer import Hook, Trainer
 from lgd.errors import ConfigError
 from lgd.evaluation import EvalResult, check_categories, dataset_categories
 from lgd.evaluation.evaluator import evaluate
 from lgd.methods.build import build_model
 from lgd.methods.trainable import Trainable
-from lgd.summary import training_summary
 from lgd.utils import distributed
 from lgd.utils.distributed import Context
 from lgd.utils.env import resolve_device, seed_everything
@@ -67,7 +67,8 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool, extra_hooks:
         if cfg.model.sync_bn and ctx.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(ctx.device)
-        optimization = build_optimization(model.optimizer_groups(), cfg.solver)
+        optimization = build_optimization(model.optimizer_groups(), cfg.solver,
+                                          linear_lr_scale(cfg.data.batch_size, cfg.solver.reference_batch_size))
         distributed.share_from_main(ctx, lambda: check_free_space(out, 2 * checkpoint_bytes(model, optimization)))
         # Rank 0 reads the checkpoint and hands it to the others: other nodes need not see output_dir. Its state is
         # restored by CheckpointHook before the first step, once the data loader has drawn its seed.

@@ -14,6 +14,7 @@ from lgd.config import backbone_name
 from lgd.data import CocoDetection
 from lgd.data.stats import dataset_stats
 from lgd.detectors import build_detector
+from lgd.engine.solver import linear_lr_scale
 from lgd.methods.lgd import LGD
 from lgd.utils.distributed import Context
 
@@ -67,6 +68,9 @@ def training_summary(cfg: Config, ctx: Context, train_set: CocoDetection, val_se
         if s.warmup_iters >= s.max_iter else []
     if s.schedule == "multistep" and any(step >= s.max_iter for step in s.steps):
         late.append(f"solver.steps={list(s.steps)} reach past the last iteration")
+    elif s.schedule == "multistep" and s.steps and max(s.steps) < s.max_iter / 2:
+        late.append(f"the last of solver.steps={list(s.steps)} falls before half the run, which then trains at "
+                    f"{s.gamma ** len(s.steps):g} x the learning rate")
     warning = f" — WARNING: {'; '.join(late)}: scale them with solver.max_iter" if late else ""
     threads = torch.get_num_threads()
     lines = [
@@ -77,12 +81,27 @@ def training_summary(cfg: Config, ctx: Context, train_set: CocoDetection, val_se
         ("model", f"{m.arch}, {backbone_name(m)}{'-DCNv2' if any(m.deform_stages) else ''}-FPN (width "
                   f"{m.fpn_channels}, {m.norm}), {count(student) / 1e6:.2f} M parameters, images {'/'.join(map(str, m.min_size))} px (max {m.max_size}); weights: {weights}"),
         ("LGD", model.describe()),
-        ("schedule", f"{s.max_iter} iterations of {cfg.data.batch_size} images, {s.optimizer} lr {s.base_lr}; "
-                     f"evaluation on val {evaluation}{resuming}{warning}"),
+        ("schedule", f"{s.max_iter} iterations of {cfg.data.batch_size} images, {s.optimizer} lr "
+                     f"{_learning_rate(cfg)}; evaluation on val {evaluation}{resuming}{warning}"),
+        *([("scaled", f"with solver.max_iter={s.max_iter} (solver.scale_schedule=false keeps the file's): "
+                      f"{cfg.scaled}")] if cfg.scaled else []),
         ("output", f"{cfg.output_dir} (config.yaml, checkpoints, metrics.jsonl, tensorboard/, plots)"),
     ]
     width = max(len(k) for k, _ in lines)
     return f"lgd {__version__}: training\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in lines)
+
+
+def _learning_rate(cfg: Config) -> str:
+    """The student's learning rate and, where the linear scaling rule changes it, how."""
+    s = cfg.solver
+    if not s.reference_batch_size:
+        return f"{s.base_lr:g} (linear scaling rule off: solver.reference_batch_size=0)"
+    scale = linear_lr_scale(cfg.data.batch_size, s.reference_batch_size)
+    if scale == 1:
+        return f"{s.base_lr:g} (for the reference batch solver.reference_batch_size={s.reference_batch_size})"
+    return (f"{scale * s.base_lr:g} = solver.base_lr {s.base_lr:g} x {cfg.data.batch_size} / {s.reference_batch_size} "
+            f"(linear scaling rule from solver.reference_batch_size; the teacher's likewise; "
+            f"solver.reference_batch_size=0 turns it off)")
 
 
 def _split_lines(cfg: Config, split: str, dataset: CocoDetection) -> list[tuple[str, str]]:
