@@ -73,13 +73,14 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     """
     import torch
 
-    from lgd.atomic import atomic_write_text
-    from lgd.builders import load_trained, resolve_device
     from lgd.config import load_config
+    from lgd.engine.checkpoint import load_trained
+    from lgd.engine.training import train
     from lgd.evaluation.evaluator import evaluate
-    from lgd.files import to_json
     from lgd.plots import read_metrics
-    from lgd.training import train
+    from lgd.utils.atomic import atomic_write_text
+    from lgd.utils.env import resolve_device
+    from lgd.utils.files import to_json
 
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -120,7 +121,7 @@ def calibrate_one(config: str, overrides: list[str]) -> float:
     import torch
 
     from lgd.config import load_config
-    from lgd.training import train
+    from lgd.engine.training import train
 
     torch.set_num_threads(1)
     cfg = load_config(config, AS_RECORDED + overrides + [f"solver.max_iter={CALIBRATION_STEPS}", "log_period=5",
@@ -265,9 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
         given_ratio[arch] = float(factor)
 
     from lgd.config import load_config
-    from lgd.builders import split_paths
-    from lgd.files import to_json
+    from lgd.data.build import split_paths
     from lgd.plots import plot_ap_curves
+    from lgd.utils.files import to_json
 
     began = time.perf_counter()
     out = Path(args.out)

@@ -28,11 +28,14 @@ from typing import Callable
 
 import torch
 
-from lgd.config import LGDConfig, ModelConfig, load_config
-from lgd.detectors import build_detector, set_test_size
-from lgd.distiller import LGD
-from lgd.solver import make_optimizer
-from lgd.files import to_json
+from lgd.config import LGDConfig, ModelConfig, SolverConfig, load_config
+from lgd.detectors import VIEWS, build_detector, set_test_size
+from lgd.engine.solver import build_optimization
+from lgd.engine.step import Stepper
+from lgd.methods.lgd import LGD
+from lgd.methods.trainable import Baseline
+from lgd.utils.distributed import Context
+from lgd.utils.files import to_json
 
 RESULTS = Path(__file__).parent / "results"
 REFERENCE_BACKBONES = [
@@ -50,9 +53,9 @@ def _status_mib(field: str) -> float:
 
 def _peak_probe(model_cfg: ModelConfig, num_classes: int, lgd: bool, lgd_cfg: LGDConfig, batch, queue) -> None:
     runtime = _status_mib("VmRSS")
-    trainer = Trainer(model_cfg, num_classes, lgd, lgd_cfg)
+    stepper = training_stepper(model_cfg, num_classes, lgd, lgd_cfg)
     for _ in range(2):
-        trainer.step(*batch)
+        stepper(*batch, stop_requested=False)
     queue.put(_status_mib("VmHWM") - runtime)
 
 
@@ -83,15 +86,15 @@ def training_peak_mib(model_cfg: ModelConfig, num_classes: int, lgd: bool, lgd_c
 
 def make_batch(arch: str, num_images: int, size: int, objects: int, num_classes: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    offset = 1 if arch in ("fasterrcnn", "maskrcnn") else 0
+    view = VIEWS[arch]
     images, targets = [], []
     for _ in range(num_images):
         images.append(torch.rand(3, size, size, generator=g))
         xy = torch.rand(objects, 2, generator=g) * size * 0.7
         wh = 8 + torch.rand(objects, 2, generator=g) * size * 0.25
         boxes = torch.cat([xy, xy + wh], 1).clamp(max=size - 1)
-        target = {"boxes": boxes, "labels": torch.randint(0, num_classes, (objects,), generator=g) + offset}
-        if arch == "maskrcnn":  # box-shaped instance masks
+        target = {"boxes": boxes, "labels": torch.randint(0, num_classes, (objects,), generator=g) + view.label_offset}
+        if view.has_masks:  # box-shaped instance masks
             target["masks"] = torch.zeros(objects, size, size, dtype=torch.uint8)
             for i, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
                 target["masks"][i, y1:y2 + 1, x1:x2 + 1] = 1
@@ -99,27 +102,15 @@ def make_batch(arch: str, num_images: int, size: int, objects: int, num_classes:
     return images, targets
 
 
-class Trainer:
-    """One model (plain or LGD) with its optimisers, doing full training steps."""
-
-    def __init__(self, model_cfg: ModelConfig, num_classes: int, lgd: bool, lgd_cfg: LGDConfig) -> None:
-        torch.manual_seed(0)
-        detector = build_detector(model_cfg, num_classes)
-        self.model = LGD(detector, num_classes, lgd_cfg, max_iter=10**9) if lgd else detector
-        self.model.train()
-        if lgd:
-            self.optimizers = [make_optimizer([self.model.student, self.model.adapter], 0.001, 0.9, 1e-4),
-                               make_optimizer([self.model.teacher], 0.001, 0.9, 1e-4)]
-        else:
-            self.optimizers = [make_optimizer([self.model], 0.001, 0.9, 1e-4)]
-
-    def step(self, images, targets) -> None:
-        losses = self.model(images, targets)
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        for o in self.optimizers:
-            o.step()
+def training_stepper(model_cfg: ModelConfig, num_classes: int, lgd: bool, lgd_cfg: LGDConfig) -> Stepper:
+    """lgd's own training step (``Stepper``: forward, the finiteness check, backward, clipping, every optimiser) of
+    a plain or LGD model on the CPU, with the optimisers the model asks for (``optimizer_groups``) at lr 0.001."""
+    torch.manual_seed(0)
+    detector = build_detector(model_cfg, num_classes)
+    model = LGD(detector, num_classes, lgd_cfg, max_iter=10**9) if lgd else Baseline(detector)
+    model.train()
+    solver = SolverConfig(base_lr=0.001)
+    return Stepper(model, build_optimization(model.optimizer_groups(), solver), Context(), solver)
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -130,18 +121,18 @@ def timed(fn: Callable[[], None]) -> float:
 
 def step_ratio(model_cfg: ModelConfig, num_classes: int, lgd_cfg: LGDConfig, batch, repeats: int) -> dict:
     """Baseline and LGD steps interleaved (B, L, B, L, ...) after one warm-up each; medians and peak memory."""
-    base = Trainer(model_cfg, num_classes, False, lgd_cfg)
-    lgd = Trainer(model_cfg, num_classes, True, lgd_cfg)
+    steppers = {"baseline": training_stepper(model_cfg, num_classes, False, lgd_cfg),
+                "lgd": training_stepper(model_cfg, num_classes, True, lgd_cfg)}
     times: dict[str, list[float]] = {"baseline": [], "lgd": []}
-    for name, trainer in (("baseline", base), ("lgd", lgd)):
-        trainer.step(*batch)
+    for stepper in steppers.values():
+        stepper(*batch, stop_requested=False)
     for _ in range(repeats):
-        for name, trainer in (("baseline", base), ("lgd", lgd)):
-            times[name].append(timed(lambda: trainer.step(*batch)))
+        for name, stepper in steppers.items():
+            times[name].append(timed(lambda: stepper(*batch, stop_requested=False)))
     t_b, t_l = statistics.median(times["baseline"]), statistics.median(times["lgd"])
     m_b = training_peak_mib(model_cfg, num_classes, False, lgd_cfg, batch)
     m_l = training_peak_mib(model_cfg, num_classes, True, lgd_cfg, batch)
-    teacher = teacher_share(lgd.model, batch, repeats)
+    teacher = teacher_share(steppers["lgd"].net, batch, repeats)
     return {
         "baseline_step_s": t_b, "lgd_step_s": t_l, "step_ratio": t_l / t_b,
         "baseline_peak_mib": m_b, "lgd_peak_mib": m_l, "memory_ratio": m_l / m_b,
@@ -290,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, arch, extra in REFERENCE_BACKBONES:
             cfg = ModelConfig(arch=arch, fpn_channels=256, norm="frozen_bn", min_size=[256], max_size=256, **extra)
             steps[f"{name} 256x256, batch 1, K=80, 10 obj/img"] = step_ratio(
-                cfg, 80, LGDConfig(pre_distill_iters=0, mask_guided=arch == "maskrcnn"),
+                cfg, 80, LGDConfig(pre_distill_iters=0, mask_guided=VIEWS[arch].has_masks),
                 make_batch(arch, 1, 256, 10, 80), repeats)
         bench = load_config(args.bench_config)
         size = bench.model.min_size[0]

@@ -23,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lgd.config import load_config  # noqa: E402
 from lgd.data import build_train_loader  # noqa: E402
-from lgd.builders import build_dataset, build_model, seed_everything, to_device  # noqa: E402
-from lgd.solver import build_optimization, linear_lr_scale  # noqa: E402
+from lgd.data.build import build_dataset, to_device  # noqa: E402
+from lgd.engine.solver import build_optimization, linear_lr_scale  # noqa: E402
+from lgd.methods.build import build_model  # noqa: E402
+from lgd.utils.env import seed_everything  # noqa: E402
 
 
 def _rms(levels) -> list[float]:

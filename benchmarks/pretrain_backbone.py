@@ -2,6 +2,8 @@
 
     python benchmarks/pretrain_backbone.py            # the recipe's file in $LGD_CACHE/regime (or ~/.cache/lgd/regime)
     python benchmarks/pretrain_backbone.py --quick    # a few steps on tiny crops (for the tests)
+    python benchmarks/pretrain_backbone.py --link datasets/regime   # + regime_data.py's target dataset; links both
+                                                                    #   where configs/regime_*_lgd.yaml look for them
 
 The task is 16-way classification of synthetic crops (regime_data.PRETRAIN_CLASSES: 10 shape families on procedural
 backgrounds, 6 texture families), a domain that shares no class, fill or background with the detection target
@@ -44,10 +46,11 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lgd, not an installed one
 sys.path.insert(0, str(Path(__file__).parent))
-from lgd.atomic import atomic_write, atomic_write_text  # noqa: E402
+from lgd.utils.atomic import atomic_write, atomic_write_text  # noqa: E402
+from lgd.utils.files import file_digest  # noqa: E402
 from regime_data import (  # noqa: E402
-    GENERATOR_VERSION, PRETRAIN_CLASSES, TARGET_CLASSES, TARGET_DEFAULTS, pretrain_batch, regime_cache_dir,
-    render_pretrain_crop, target_object_crops,
+    GENERATOR_VERSION, PRETRAIN_CLASSES, SPLITS, TARGET_CLASSES, TARGET_DEFAULTS, ensure_target_dataset, pretrain_batch,
+    regime_cache_dir, render_pretrain_crop, target_object_crops,
 )
 
 CHECKPOINT_EVERY = 100
@@ -79,14 +82,6 @@ class Recipe:
 
 RECIPE = Recipe()
 QUICK = Recipe(steps=3, batch_size=4, image_size=32, warmup_steps=1, heldout=8, probe_images=4)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _serialise(state: dict[str, Tensor]) -> bytes:
@@ -131,7 +126,7 @@ def cached(cache_dir: Path, recipe: Recipe) -> Optional[dict]:
     if manifest.get("recipe") != asdict(recipe):
         warnings.warn(f"{p['manifest']} was written for another recipe; pretraining again")
         return None
-    if manifest.get("sha256") != _sha256(p["weights"]):
+    if manifest.get("sha256") != file_digest(p["weights"]):
         warnings.warn(f"{p['weights']} does not match the SHA-256 in its manifest; pretraining again")
         return None
     return manifest
@@ -212,7 +207,7 @@ def pretrain(cache_dir: Path, recipe: Recipe = RECIPE, progress: bool = True) ->
         atomic_write(p["weights"], lambda tmp: Path(tmp).write_bytes(_serialise(body)))
         check_loads(p["weights"])
         checks = {"heldout_accuracy": heldout_accuracy(model, recipe), "linear_probe": linear_probe(body, recipe)}
-        manifest = {"file": p["weights"].name, "sha256": _sha256(p["weights"]), "recipe": asdict(recipe),
+        manifest = {"file": p["weights"].name, "sha256": file_digest(p["weights"]), "recipe": asdict(recipe),
                     "classes": list(PRETRAIN_CLASSES), "cost": cost, "checks": checks,
                     "torch": torch.__version__, "torchvision": torchvision.__version__,
                     "machine": f"{platform.machine()}, {platform.system()}, 1 thread",
@@ -299,11 +294,27 @@ def linear_probe(body_state: dict[str, Tensor], recipe: Recipe) -> dict:
     return result
 
 
+def link(dataset: Path, weights: Path, where: Path) -> None:
+    """Make ``where`` the folder ``configs/regime_*_lgd.yaml`` read: links to the dataset's splits and annotations and
+    to the weights file as ``resnet18_pretrained.pth``; links already there are replaced."""
+    where.mkdir(parents=True, exist_ok=True)
+    for name, source in [(s, dataset / s) for s in SPLITS + ("annotations",)] + [("resnet18_pretrained.pth", weights)]:
+        path = where / name
+        if path.is_symlink():
+            path.unlink()
+        elif path.exists():
+            raise FileExistsError(f"{path} exists and is not a link; move it away or link elsewhere")
+        path.symlink_to(source.resolve())
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", help="default: $LGD_CACHE/regime or ~/.cache/lgd/regime")
     parser.add_argument("--quick", action="store_true", help="a few steps on tiny crops (for the tests)")
     parser.add_argument("--steps", type=int, help="override the recipe's steps (another recipe, another file)")
+    parser.add_argument("--link", type=Path, metavar="DIR",
+                        help="also make regime_data.py's target dataset (cached) and link both into DIR (the configs "
+                             "use datasets/regime)")
     args = parser.parse_args(argv)
     recipe = QUICK if args.quick else RECIPE
     if args.steps:
@@ -312,6 +323,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     weights = ensure_pretrained(cache_dir, recipe)
     manifest = json.loads(paths(cache_dir, recipe)["manifest"].read_text())
     print(f"{weights}\nsha256 {manifest['sha256']}\ncost {manifest['cost']}\nchecks {manifest['checks']}")
+    if args.link:
+        dataset = ensure_target_dataset(cache_dir)
+        link(dataset, weights, args.link)
+        print(f"target dataset: {dataset}\nlinked into {args.link}")
     return manifest
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cost import Trainer, make_batch  # noqa: E402
+from cost import make_batch, training_stepper  # noqa: E402
 
 from lgd.config import LGDConfig, ModelConfig  # noqa: E402
 
@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg, k = ModelConfig(depth=50, fpn_channels=256, norm="frozen_bn", min_size=[512], max_size=512), 80
         batch = make_batch("retinanet", 2, 512, 10, k)
     for name, lgd in (("baseline", False), ("LGD", True)):
-        trainer = Trainer(cfg, k, lgd, LGDConfig(pre_distill_iters=0))
-        trainer.step(*batch)
+        stepper = training_stepper(cfg, k, lgd, LGDConfig(pre_distill_iters=0))
+        stepper(*batch, stop_requested=False)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             with record_function(f"step/{name}"):
-                trainer.step(*batch)
+                stepper(*batch, stop_requested=False)
         print(f"\n=== {name}: top operators by self CPU time ===")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 

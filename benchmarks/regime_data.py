@@ -1,8 +1,8 @@
 """The pretrained regime's two synthetic domains: the backbone's pretraining task and the detection target.
 
-    python benchmarks/regime_data.py                          # the target dataset in the cache; prints its paths
-    python benchmarks/regime_data.py --link datasets/regime   # + the pretrained backbone; links both where
-                                                              #   configs/regime_*_lgd.yaml look for them
+    python benchmarks/regime_data.py                               # the target dataset in the cache; prints its paths
+    python benchmarks/pretrain_backbone.py --link datasets/regime  # + the pretrained backbone; links both where
+                                                                   #   configs/regime_*_lgd.yaml look for them
 
 The two domains share no class, no fill texture and no kind of background (BENCHMARKS.md, "The pretrained regime:
 setup"), so what the backbone brings to the target is general visual features, as ImageNet weights bring to COCO:
@@ -29,15 +29,14 @@ import functools
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lgd.atomic import ensure_dir
 from lgd.data.synthetic import regular_polygon, rotate_points
+from lgd.utils.atomic import ensure_dir
 
 # Bumped whenever rendering changes, so a cached dataset or backbone of an older generator is not reused.
 GENERATOR_VERSION = 1
@@ -567,37 +566,14 @@ def split_overrides(dataset: Path) -> list[str]:
     return overrides
 
 
-def link(dataset: Path, weights: Path, where: Path) -> None:
-    """Make ``where`` the folder ``configs/regime_*_lgd.yaml`` read: links to the dataset's splits and annotations and
-    to the weights file as ``resnet18_pretrained.pth``; links already there are replaced."""
-    where.mkdir(parents=True, exist_ok=True)
-    for name, source in [(s, dataset / s) for s in SPLITS + ("annotations",)] + [("resnet18_pretrained.pth", weights)]:
-        path = where / name
-        if path.is_symlink():
-            path.unlink()
-        elif path.exists():
-            raise FileExistsError(f"{path} exists and is not a link; move it away or link elsewhere")
-        path.symlink_to(source.resolve())
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", help="default: $LGD_CACHE/regime or ~/.cache/lgd/regime")
-    parser.add_argument("--link", type=Path, metavar="DIR",
-                        help="also pretrain the backbone (cached) and link both into DIR (the configs use "
-                             "datasets/regime)")
     args = parser.parse_args(argv)
     cache = regime_cache_dir(args.cache_dir)
     dataset = ensure_target_dataset(cache)
     print(f"target dataset: {dataset}")
     print("lgd train overrides: " + " ".join(split_overrides(dataset)))
-    if args.link:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from pretrain_backbone import ensure_pretrained
-
-        weights = ensure_pretrained(cache)
-        link(dataset, weights, args.link)
-        print(f"pretrained backbone: {weights}\nlinked into {args.link}")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from lgd.config import load_config
-from lgd.training import train
-from lgd.files import to_json
+from lgd.engine.training import train
+from lgd.utils.files import to_json
 
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"

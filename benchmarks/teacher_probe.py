@@ -8,7 +8,7 @@ For each checkpoint it runs the same ``--batches`` training batches (no optimize
   objects whose largest weight is their own label (``argmax_own``), and the entropy divided by its maximum
   log(keys) (``entropy``: 1 = uniform, the labels are mixed without regard to which object is which);
 - the **distillation loss per level**: the mean squared error between the instance-normalised adapted student
-  map and the teacher map (``lgd.distiller.distillation_loss`` on one level), before ``lgd.distill_weight``;
+  map and the teacher map (``lgd.methods.lgd.distillation_loss`` on one level), before ``lgd.distill_weight``;
 - the **transfer**: the same distance inside the ground-truth objects and outside them (how far the student's
   adapted features are from the teacher's where the teacher knows something, and where it paints only the
   background), and the detection loss of the shared head on the teacher's maps minus on the student's
@@ -38,12 +38,14 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lgd.builders import build_dataset, build_model, seed_everything, to_device  # noqa: E402
-from lgd.checkpoint import load_checkpoint, load_model_weights  # noqa: E402
 from lgd.config import load_config  # noqa: E402
 from lgd.data import build_train_loader  # noqa: E402
-from lgd.distiller import distillation_loss  # noqa: E402
+from lgd.data.build import build_dataset, to_device  # noqa: E402
+from lgd.engine.checkpoint import load_checkpoint, load_model_weights  # noqa: E402
+from lgd.methods.build import build_model  # noqa: E402
+from lgd.methods.lgd import distillation_loss  # noqa: E402
 from lgd.teacher.descriptors import pad_objects  # noqa: E402
+from lgd.utils.env import seed_everything  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from head_probe import loss_groups  # noqa: E402

@@ -1,7 +1,12 @@
-"""LGD: label-guided self-distillation for torchvision object detectors."""
-from lgd.config import Config, load_config
-from lgd.detectors import build_detector
-from lgd.distiller import LGD
+"""LGD: label-guided self-distillation for torchvision object detectors.
 
-__all__ = ["LGD", "Config", "build_detector", "load_config"]
+Each name is imported on first use (``lgd.utils.lazy``), so ``import lgd.config`` loads no torch.
+"""
+from lgd.utils.lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "lgd.config": ("Config", "load_config"),
+    "lgd.detectors": ("build_detector",),
+    "lgd.methods.lgd": ("LGD",),
+})
 __version__ = "0.1.0"

@@ -13,11 +13,12 @@ import torch
 import torchvision
 
 from lgd import __version__
-from lgd.data.formats import FORMATS
+from lgd.choices import CROWDHUMAN_BOXES, FORMATS
+from lgd.config import SynthConfig
 from lgd.errors import LGDError, count, user_message
 from lgd.evaluation import EvalResult, format_percent, teacher_ahead
-from lgd.files import to_json
-from lgd.streams import outliving_reader
+from lgd.utils.files import to_json
+from lgd.utils.streams import outliving_reader
 
 OVERRIDES_HELP = "config overrides as dotted KEY=VALUE, e.g. solver.max_iter=200 data.train.root=/data/coco/train2017"
 
@@ -128,11 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "The data.synth.* config keys set its difficulty; this tool writes the "
                                         "default configuration.")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--seed", type=int, default=0, help="seed (default 0); splits use seeds derived from it")
-    s.add_argument("--train", type=int, default=800, help="training images (default 800)")
-    s.add_argument("--val", type=int, default=200, help="validation images (default 200)")
-    s.add_argument("--test", type=int, default=200, help="test images (default 200)")
-    s.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    synth = SynthConfig()  # the tool writes the dataset that data.synth.* gives by default
+    s.add_argument("--seed", type=int, default=synth.seed,
+                   help=f"seed (default {synth.seed}); splits use seeds derived from it")
+    s.add_argument("--train", type=int, default=synth.num_train, help=f"training images (default {synth.num_train})")
+    s.add_argument("--val", type=int, default=synth.num_val, help=f"validation images (default {synth.num_val})")
+    s.add_argument("--test", type=int, default=synth.num_test, help=f"test images (default {synth.num_test})")
+    s.add_argument("--size", type=int, default=synth.size, help=f"image side in pixels (default {synth.size})")
     _no_progress(s)
     s = data_sub.add_parser("convert", help="convert Pascal VOC, YOLO, CrowdHuman or CSV annotations to a COCO JSON",
                             description="Write a COCO instances JSON and print the data.<split>.root/ann to train "
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "classes .csv (YOLO, CSV: required; VOC: default the 20 VOC classes)")
     s.add_argument("--class-map", default="", help="class renames as YAML, e.g. '{Alive: Tree, Dead: Tree}' (null "
                                                    "drops a class); as data.class_map")
-    s.add_argument("--box", default="full", choices=("full", "visible", "head"), help="CrowdHuman box type (default full)")
+    s.add_argument("--box", default="full", choices=CROWDHUMAN_BOXES, help="CrowdHuman box type (default full)")
     s.add_argument("--out", required=True, help="the COCO JSON to write")
     _no_progress(s)
     s = data_sub.add_parser("tile", help="cut a COCO split's large images into overlapping tiles, boxes clipped",
@@ -206,8 +209,8 @@ def _headline(result: EvalResult) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lgd.signals import TrainingInterrupted
-    from lgd.training import train
+    from lgd.engine.signals import TrainingInterrupted
+    from lgd.engine.training import train
 
     cfg = _load(args)
     try:
@@ -224,10 +227,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from lgd.builders import load_trained, resolve_device
-    from lgd.checkpoint import FINAL
     from lgd.config import distill_method
+    from lgd.engine.checkpoint import load_trained
+    from lgd.engine.checkpoint import FINAL
     from lgd.evaluation.evaluator import evaluate
+    from lgd.utils.env import resolve_device
 
     cfg = _load(args)
     weights = Path(args.weights or Path(cfg.output_dir) / FINAL)
@@ -270,8 +274,9 @@ def _teacher_verdict(student: EvalResult, teacher: EvalResult) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lgd.builders import build_dataset, load_trained_model
+    from lgd.data.build import build_dataset
     from lgd.detectors import VIEWS
+    from lgd.engine.checkpoint import load_trained_model
     from lgd.export import export_onnx, export_student
 
     cfg = _load(args)
@@ -295,9 +300,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lgd.builders import resolve_device
     from lgd.export import load_student
     from lgd.predict import Slicing, predict
+    from lgd.utils.env import resolve_device
 
     model, meta = load_student(Path(args.model))
     device = resolve_device(args.device)
@@ -323,9 +328,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from lgd.builders import split_paths
+    from lgd.data.build import split_paths
+    from lgd.engine.summary import parameter_counts
     from lgd.evaluation import read_categories
-    from lgd.summary import parameter_counts
 
     cfg = _load(args)
     k = args.num_classes
@@ -365,8 +370,8 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(f"wrote {report.text()}\ntrain with: data.train.root={report.root.absolute()} "
               f"data.train.ann={report.annotations.absolute()}")
     elif args.data_command == "stats":
-        from lgd.builders import split_paths
         from lgd.data import CocoDetection
+        from lgd.data.build import split_paths
         from lgd.data.stats import dataset_stats, plot_stats
 
         cfg = _load(args)
@@ -382,8 +387,9 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> None:
-    from lgd.builders import load_trained, resolve_device
+    from lgd.engine.checkpoint import load_trained
     from lgd.feature_maps import find_image, visualize_features
+    from lgd.utils.env import resolve_device
 
     cfg = _load(args)
     device = resolve_device(cfg.device)

@@ -13,24 +13,19 @@ from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_typ
 
 import yaml
 
-from lgd.atomic import atomic_write_text
-from lgd.data.formats import FORMATS
-from lgd.data.synthetic import Difficulty
-from lgd.detectors.backbones import DEPTHS, backbone_name
-from lgd.detectors.views import ARCHS
+from lgd import choices
+from lgd.data.difficulty import Difficulty
 from lgd.errors import ConfigError
-from lgd.evaluation import METRICS
-from lgd.teacher.descriptors import CLASS_FORMATS
-from lgd.teacher.label_encoder import LABEL_FUSIONS
-from lgd.teacher.relation import ATTENTION_PATTERNS
-from lgd.teacher.teacher import DISTILL_REGIONS
+from lgd.utils.atomic import atomic_write_text
 
 
-def _f(default: Any, help: str) -> Any:
-    """A field with a default (copied if mutable) and its one-line meaning."""
+def _f(default: Any, help: str, runtime: bool = False) -> Any:
+    """A field with a default (copied if mutable) and its one-line meaning; ``runtime``: the key says where and how
+    fast a run runs, not what it computes, so it may change on ``--resume`` (``runtime_keys``)."""
+    metadata = {"help": help, "runtime": runtime}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -51,12 +46,12 @@ class SynthConfig:
     num_val: int = _f(200, "validation images of the built-in dataset")
     num_test: int = _f(200, "test images of the built-in dataset (report numbers on these only)")
     size: int = _f(128, "side of the built-in dataset's square images in pixels")
-    num_classes: int = _f(8, "shape classes of the built-in dataset: the first N of circle, square, triangle, star, "
+    num_classes: int = _f(Difficulty.num_classes, "shape classes of the built-in dataset: the first N of circle, square, triangle, star, "
                              "cross, ring, hexagon, diamond (fewer = easier; the defaults here give the benchmark dataset)")
-    min_object_px: float = _f(8.0, "smallest object (and distractor) diameter in pixels of the built-in dataset")
-    max_objects: int = _f(12, "an ordinary built-in image has 1 to this many objects")
-    crowded_prob: float = _f(0.08, "share of crowded built-in images: 20-30 objects of at most size/5 px")
-    clutter: bool = _f(True, "unannotated distractors in the built-in images: blobs, bars, lines, scribbles, lines over objects")
+    min_object_px: float = _f(Difficulty.min_object_px, "smallest object (and distractor) diameter in pixels of the built-in dataset")
+    max_objects: int = _f(Difficulty.max_objects, "an ordinary built-in image has 1 to this many objects")
+    crowded_prob: float = _f(Difficulty.crowded_prob, "share of crowded built-in images: 20-30 objects of at most size/5 px")
+    clutter: bool = _f(Difficulty.clutter, "unannotated distractors in the built-in images: blobs, bars, lines, scribbles, lines over objects")
     cache_dir: str = _f("", "where the built-in dataset is generated once and converted VOC/YOLO/CrowdHuman splits are "
                             "cached; empty = $LGD_CACHE or ~/.cache/lgd")
 
@@ -76,7 +71,7 @@ class DataConfig:
     hflip_prob: float = _f(0.5, "probability of a horizontal flip in training")
     batch_size: int = _f(8, "training images per iteration (all processes together)")
     eval_batch_size: int = _f(8, "images per evaluation batch")
-    workers: int = _f(2, "data-loading worker processes (0 = load in the main process)")
+    workers: int = _f(2, "data-loading worker processes (0 = load in the main process)", runtime=True)
     aspect_ratio_grouping: bool = _f(True, "batch landscape and portrait images separately")
     class_map: dict = _f({}, "class renames applied to every split in every format, e.g. {Alive: Tree, Dead: Tree} "
                              "(classes mapped to one name become one; to null: dropped with their objects)")
@@ -144,7 +139,7 @@ class SolverConfig:
     clip_value: float = _f(1.0, "the bound of solver.clip_type (reference: 1.0)")
     amp: str = _f("none", "mixed precision: none (fp32) | bf16 (CUDA, or CPU autocast) | fp16 (CUDA, with a gradient scaler)")
     accumulate: int = _f(1, "micro-batches per step: each process's share of data.batch_size is split in this many, gradients add up (same global batch, less memory)")
-    nan_policy: str = _f("stop", "on a NaN/infinite loss or gradient: stop (message + debug checkpoint nan_debug_*.pth) | skip (the step, logged)")
+    nan_policy: str = _f("stop", "on a NaN/infinite loss or gradient: stop (message + debug checkpoint nan_debug_*.pth) | skip (the step, logged)", runtime=True)
 
 
 @dataclass
@@ -179,8 +174,6 @@ class LGDConfig:
     teacher_weight_decay: float = _f(1e-4, "teacher weight decay")
 
 
-DISTILL_METHODS = ("auto", "lgd", "fgfi", "none")
-
 
 @dataclass
 class DistillConfig:
@@ -192,7 +185,7 @@ class DistillConfig:
 @dataclass
 class FGFIConfig:
     teacher: str = _f("", "FGFI's frozen teacher: a training checkpoint (model_final.pth) or an exported student.pth "
-                          "that lgd wrote; any detector family and depth whose FPN has the student's levels")
+                          "that lgd wrote; any detector family and depth whose FPN has the student's levels", runtime=True)
     weight: float = _f(0.01, "weight of the imitation loss (FGFI paper: 0.01)")
     psi: float = _f(0.5, "imitation-mask factor: an anchor is imitated where its IoU with a box exceeds psi x that "
                          "box's best anchor IoU (FGFI paper: 0.5)")
@@ -203,14 +196,14 @@ class FGFIConfig:
 
 @dataclass
 class Config:
-    output_dir: str = _f("outputs/run", "where checkpoints, metrics, plots and the resolved config go")
+    output_dir: str = _f("outputs/run", "where checkpoints, metrics, plots and the resolved config go", runtime=True)
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
-    eval_period: int = _f(0, "evaluate on val every this many iterations (0 = only at the end)")
-    checkpoint_period: int = _f(1000, "write a checkpoint every this many iterations (and at the end)")
-    keep_checkpoints: int = _f(3, "numbered checkpoints model_NNNNNNN.pth kept (the newest); last.pth is always the newest")
-    log_period: int = _f(20, "iterations between metrics.jsonl / TensorBoard records; without a progress bar (a log file, --no-progress) a loss line is printed every 5 x log_period")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N", runtime=True)
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)", runtime=True)
+    eval_period: int = _f(0, "evaluate on val every this many iterations (0 = only at the end)", runtime=True)
+    checkpoint_period: int = _f(1000, "write a checkpoint every this many iterations (and at the end)", runtime=True)
+    keep_checkpoints: int = _f(3, "numbered checkpoints model_NNNNNNN.pth kept (the newest); last.pth is always the newest", runtime=True)
+    log_period: int = _f(20, "iterations between metrics.jsonl / TensorBoard records; without a progress bar (a log file, --no-progress) a loss line is printed every 5 x log_period", runtime=True)
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and loading"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the detector (the student)"})
     solver: SolverConfig = field(default_factory=SolverConfig, metadata={"help": "student optimisation"})
@@ -225,26 +218,25 @@ class Config:
     scaled: ClassVar[str] = ""
 
 
-# The values a string key may take. Archs, metrics, class formats and attention patterns are defined where they
-# are implemented and read from there.
+# The values a string key may take: the tuples of lgd.choices, which the implementations import too.
 CHOICES: dict[str, tuple[str, ...]] = {
-    **{f"data.{split}.format": FORMATS for split in ("train", "val", "test")},
-    "data.crowdhuman_box": ("full", "visible", "head"),
-    "data.metric": ("auto", *METRICS),
-    "model.arch": ARCHS,
-    "model.norm": ("frozen_bn", "bn", "gn"),
-    "model.head_norm": ("none", "gn"),
-    "solver.optimizer": ("sgd", "adamw"),
-    "lgd.teacher_optimizer": ("sgd", "adamw"),
-    "solver.schedule": ("multistep", "cosine"),
-    "solver.clip_type": ("value", "norm", "none"),
-    "solver.amp": ("none", "bf16", "fp16"),
-    "solver.nan_policy": ("stop", "skip"),
-    "lgd.class_format": CLASS_FORMATS,
-    "lgd.attention": ATTENTION_PATTERNS,
-    "lgd.label_fusion": LABEL_FUSIONS,
-    "lgd.distill_region": DISTILL_REGIONS,
-    "distill.method": DISTILL_METHODS,
+    **{f"data.{split}.format": choices.FORMATS for split in ("train", "val", "test")},
+    "data.crowdhuman_box": choices.CROWDHUMAN_BOXES,
+    "data.metric": ("auto", *choices.METRICS),
+    "model.arch": choices.ARCHS,
+    "model.norm": choices.NORMS,
+    "model.head_norm": choices.HEAD_NORMS,
+    "solver.optimizer": choices.OPTIMIZERS,
+    "lgd.teacher_optimizer": choices.OPTIMIZERS,
+    "solver.schedule": choices.SCHEDULES,
+    "solver.clip_type": choices.CLIP_TYPES,
+    "solver.amp": choices.AMP_MODES,
+    "solver.nan_policy": choices.NAN_POLICIES,
+    "lgd.class_format": choices.CLASS_FORMATS,
+    "lgd.attention": choices.ATTENTION_PATTERNS,
+    "lgd.label_fusion": choices.LABEL_FUSIONS,
+    "lgd.distill_region": choices.DISTILL_REGIONS,
+    "distill.method": choices.DISTILL_METHODS,
 }
 
 
@@ -259,6 +251,13 @@ def all_keys(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Fiel
         else:
             out[key] = f
     return out
+
+
+def runtime_keys() -> frozenset[str]:
+    """The keys that may change between a run and its ``--resume`` (fields marked ``runtime``): where and how fast
+    it runs, not what it computes. The FGFI teacher may move: the checkpoint's teacher_sha256 decides whether it is
+    the same file (lgd/methods/fgfi.py)."""
+    return frozenset(k for k, f in all_keys().items() if f.metadata["runtime"])
 
 
 # Keys that were replaced, with what to write instead: a config from an older version gets told, not guessed at.
@@ -473,9 +472,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"keep_checkpoints must be at least 1; got {cfg.keep_checkpoints}")
     if cfg.data.batch_size <= 0 or cfg.data.eval_batch_size <= 0:
         raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
-    if cfg.model.depth is not None and cfg.model.depth not in DEPTHS:
-        raise ConfigError(f"model.depth must be one of {', '.join(map(str, DEPTHS))}; got {cfg.model.depth}")
+    if cfg.model.depth is not None and cfg.model.depth not in choices.DEPTHS:
+        raise ConfigError(f"model.depth must be one of {', '.join(map(str, choices.DEPTHS))}; got {cfg.model.depth}")
     backbone_name(cfg.model)
+    if not 0 <= cfg.model.trainable_layers <= 5:
+        raise ConfigError(f"model.trainable_layers must be in 0..5, got {cfg.model.trainable_layers}")
     if len(cfg.model.deform_stages) != 4 or not all(isinstance(v, bool) for v in cfg.model.deform_stages):
         raise ConfigError(f"model.deform_stages must be 4 true/false values, one per stage res2..res5; got "
                           f"{cfg.model.deform_stages}")
@@ -488,8 +489,9 @@ def validate(cfg: Config) -> None:
     for key in ("rpn_proposals_train", "rpn_proposals_test", "roi_batch_size", "mask_head_channels"):
         if getattr(cfg.model, key) <= 0:
             raise ConfigError(f"model.{key} must be positive; got {getattr(cfg.model, key)}")
-    if cfg.lgd.mask_guided and cfg.model.arch != "maskrcnn":
-        raise ConfigError("lgd.mask_guided needs instance masks: set model.arch=maskrcnn or lgd.mask_guided=false")
+    if cfg.lgd.mask_guided and cfg.model.arch not in choices.MASK_ARCHS:
+        raise ConfigError(f"lgd.mask_guided needs instance masks: set model.arch={' or '.join(choices.MASK_ARCHS)} "
+                          f"or lgd.mask_guided=false")
     method = distill_method(cfg)
     if method == "fgfi":
         if not cfg.fgfi.teacher:
@@ -512,6 +514,21 @@ def validate(cfg: Config) -> None:
         if s.format in ("yolo", "csv") and not cfg.data.names_file:
             raise ConfigError(f"data.{split}.format={s.format} needs data.names_file (class names, one per line, or "
                               f"data.yaml)")
+
+
+def backbone_name(cfg: ModelConfig) -> str:
+    """The backbone the config asks for: ``model.backbone``, else ``resnet{model.depth}``, else resnet50.
+
+    Raises:
+        ConfigError: both keys are set and disagree, or the name is not one of ``lgd.choices.BACKBONE_NAMES``.
+    """
+    name = cfg.backbone or f"resnet{cfg.depth or 50}"
+    if cfg.backbone and cfg.depth is not None and cfg.backbone != f"resnet{cfg.depth}":
+        raise ConfigError(f"model.depth={cfg.depth} and model.backbone={cfg.backbone} disagree: set only "
+                          f"model.backbone (model.depth is the older name for model.backbone=resnet<depth>)")
+    if name not in choices.BACKBONE_NAMES:
+        raise ConfigError(f"model.backbone must be one of {', '.join(choices.BACKBONE_NAMES)}; got '{name}'")
+    return name
 
 
 def distill_method(cfg: Config) -> str:

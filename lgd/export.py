@@ -33,13 +33,13 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from lgd.atomic import atomic_write
-from lgd.checkpoint import atomic_save
 from lgd.config import ModelConfig
 from lgd.detectors import build_detector, set_test_size
 from lgd.detectors.deform import has_deformable
 from lgd.errors import LGDError
-from lgd.files import load_torch_file
+from lgd.utils.atomic import atomic_write
+from lgd.utils.files import atomic_save
+from lgd.utils.files import load_torch_file
 
 FORMAT = "lgd-student/2"
 ONNX_FORMAT = "lgd-student-onnx/1"

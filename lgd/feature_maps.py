@@ -20,16 +20,15 @@ from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 from torchvision.models.detection.image_list import ImageList
 
-from lgd.builders import to_device
 from lgd.config import Config, distill_method
 from lgd.data import CocoDetection
+from lgd.data.build import to_device
 from lgd.detectors import set_test_size, view_of
-from lgd.detectors.views import OneStageView
-from lgd.distiller import LGD
+from lgd.draw import class_color
 from lgd.errors import DatasetError, LGDError
-from lgd.fgfi import batch_masks, mask_anchors
-from lgd.trainable import Trainable
-from lgd.visualize import class_color
+from lgd.methods.fgfi import batch_masks, mask_anchors
+from lgd.methods.lgd import LGD
+from lgd.methods.trainable import Trainable
 
 PANEL_INCHES = 3.0
 DPI = 100
@@ -83,7 +82,7 @@ def _cropped(maps: list[Tensor], image_list: ImageList) -> list[Tensor]:
 
 def level_names(model: Trainable, count: int) -> list[str]:
     """P3.. for RetinaNet / FCOS, P2.. for the R-CNNs."""
-    first = 3 if isinstance(view_of(model.student), OneStageView) else 2
+    first = 3 if view_of(model.student).one_stage else 2
     return [f"P{first + i}" for i in range(count)]
 
 

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from lgd.data.image_io import IMAGE_EXTENSIONS, find_images, read_image
 from lgd.data.tiling import check_tiling, tile_grid
+from lgd.draw import draw_detections
 from lgd.errors import DatasetError, LGDError
-from lgd.files import to_json
-from lgd.visualize import draw_detections
+from lgd.utils.files import to_json
 
 # Tiles per forward pass: a batch keeps a GPU busy, and 8 tiles of ~1000 px fit in a few GB.
 TILE_BATCH = 8
@@ -247,7 +247,7 @@ def predict(
     ``out/detections.json`` lists, per image read, every detection scoring at least ``score_thresh``
     (box XYXY in the image's pixels as displayed, score, category id and class name), as the detector
     outputs them; it is written even when the run stops early. ``out/<stem>.png`` draws one box per object
-    (:func:`lgd.visualize.draw_detections`: class-agnostic NMS for the picture only). An image that cannot
+    (:func:`lgd.draw.draw_detections`: class-agnostic NMS for the picture only). An image that cannot
     be read is reported in ``skipped`` and the run goes on.
 
     At most ``max_detections`` detections are kept per image (default: the model's ``detections_per_img``),

@@ -8,7 +8,7 @@ import torch
 
 from lgd.config import LGDConfig, ModelConfig
 from lgd.detectors import VIEWS, build_detector
-from lgd.distiller import LGD
+from lgd.methods.lgd import LGD
 
 ARCHS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
 

@@ -14,12 +14,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from lgd.builders import build_dataset
 from lgd.config import Config
 from lgd.data import CocoDetection
+from lgd.data.build import build_dataset
 from lgd.evaluation import EvalResult
 from lgd.evaluation.evaluator import evaluate
-from lgd.trainable import Trainable
+from lgd.methods.trainable import Trainable
 
 
 def perfect_detections(dataset: CocoDetection) -> list[dict[str, Tensor]]:

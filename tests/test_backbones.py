@@ -130,9 +130,9 @@ def test_depth_and_backbone_must_agree():
 def test_each_new_backbone_family_trains_with_lgd_evaluates_and_exports(tiny_config, overrides, capsys):
     from lgd.cli import main
     from lgd.config import save_config
+    from lgd.engine.training import train
     from lgd.errors import LGDError
     from lgd.export import export_onnx, load_student
-    from lgd.training import train
 
     cfg = tiny_config("model.depth=null", "solver.max_iter=2", "checkpoint_period=2", "lgd.freeze_backbone_iters=1",
                       "lgd.eval_teacher=false", *overrides)

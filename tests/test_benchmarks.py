@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lgd.files import to_json
+from lgd.utils.files import to_json
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
@@ -248,7 +248,7 @@ def test_attention_stats_measures_own_label_same_class_and_entropy():
 
 @pytest.mark.parametrize("arch", ["fcos", "fasterrcnn"])
 def test_teacher_probe_measures_a_trained_lgd_checkpoint(tiny_config, tmp_path, capsys, arch):
-    from lgd.training import train
+    from lgd.engine.training import train
 
     cfg = tiny_config(f"model.arch={arch}", "solver.max_iter=2", "threads=1")
     train(cfg, progress=False)

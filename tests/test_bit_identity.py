@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd.checkpoint import FINAL, load_checkpoint
 from lgd.config import load_config
-from lgd.training import train
+from lgd.engine.checkpoint import FINAL, load_checkpoint
+from lgd.engine.training import train
 
 RECORDED = Path(__file__).parent / "data" / "recorded_training.json"
 CASES = [("retinanet", True), ("retinanet", False), ("fasterrcnn", True), ("fasterrcnn", False)]

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from helpers import strict_json
-from lgd.builders import build_model
-from lgd.checkpoint import load_model_weights
 from lgd.cli import build_parser, main
 from lgd.config import save_config
+from lgd.engine.checkpoint import load_model_weights
+from lgd.engine.training import train
 from lgd.errors import LGDError
 from lgd.export import build_student, load_student
-from lgd.training import train
+from lgd.methods.build import build_model
 
 
 def test_every_subcommand_has_help(capsys):

@@ -104,6 +104,32 @@ def test_demo_baseline_is_the_demo_recipe_without_lgd():
     assert demo == baseline
 
 
+def test_importing_the_config_loads_no_torch_torchvision_or_pycocotools():
+    import subprocess
+    import sys
+
+    code = ("import lgd.config, sys; heavy = [m for m in ('torch', 'torchvision', 'pycocotools') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_choices_name_what_the_registries_hold():
+    from lgd import choices
+    from lgd.detectors import VIEWS
+    from lgd.detectors.backbones import BACKBONES
+
+    assert tuple(VIEWS) == choices.ARCHS
+    assert tuple(a for a, view in VIEWS.items() if view.has_masks) == choices.MASK_ARCHS
+    assert tuple(BACKBONES) == choices.BACKBONE_NAMES
+
+
+def test_runtime_keys_are_where_and_how_fast_a_run_runs():
+    from lgd.config import runtime_keys
+
+    assert runtime_keys() == {"output_dir", "device", "threads", "data.workers", "keep_checkpoints",
+                              "checkpoint_period", "log_period", "eval_period", "solver.nan_policy", "fgfi.teacher"}
+
+
 def test_overriding_only_max_iter_scales_the_recipes_schedule(tmp_path):
     """The README's own-data example: 20x the iterations of a 1,000-iteration recipe, whose LR steps [800, 930]
     cut the rate 100x by iteration 930 unless they follow (issue 26)."""
@@ -124,9 +150,10 @@ def test_overriding_only_max_iter_scales_the_recipes_schedule(tmp_path):
 def test_the_summary_says_what_was_scaled_and_warns_of_an_early_last_step(tiny_config, tmp_path):
     import torch
 
-    from lgd.builders import build_dataset, build_model
-    from lgd.distributed import Context
-    from lgd.summary import training_summary
+    from lgd.data.build import build_dataset
+    from lgd.engine.summary import training_summary
+    from lgd.methods.build import build_model
+    from lgd.utils.distributed import Context
 
     recipe = tmp_path / "recipe.yaml"
     save_config(tiny_config("solver.max_iter=10", "solver.steps=[8]", "solver.warmup_iters=2"), recipe)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lgd.distiller import LGD, distillation_loss, instance_norm
+from lgd.methods.lgd import LGD, distillation_loss, instance_norm
 
 from helpers import ARCHS, batch, tiny_detector, tiny_lgd
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd import distributed
 from lgd.config import save_config
 from lgd.data.loader import ShardedBatchSampler, TrainBatchSampler
-from lgd.distributed import Context
-from lgd.checkpoint import FINAL, load_checkpoint
+from lgd.engine.checkpoint import FINAL, load_checkpoint
+from lgd.engine.training import _check_runtime, train
 from lgd.errors import ConfigError
-from lgd.training import _check_runtime, train
+from lgd.utils import distributed
+from lgd.utils.distributed import Context
 
 REPO = Path(__file__).parent.parent
 # GroupNorm everywhere: batch statistics would differ between one batch of 4 and two of 2 by design.

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd import checkpoint
-from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
-from lgd.distiller import LGD
+from lgd.engine import checkpoint
+from lgd.engine.checkpoint import CHECKPOINT, FINAL, load_checkpoint
+from lgd.engine.solver import Optimization, lr_factor
+from lgd.engine.training import train
 from lgd.errors import LGDError, TrainingError
-from lgd.solver import Optimization, lr_factor
-from lgd.training import train
+from lgd.methods.lgd import LGD
 
 
 def _final_state(cfg):
@@ -169,9 +169,10 @@ def test_the_teacher_is_evaluated_on_val_during_training(tiny_config, capsys, ov
 
 
 def test_the_summary_warns_about_a_schedule_that_reaches_past_the_run(tiny_config):
-    from lgd.builders import build_dataset, build_model
-    from lgd.distributed import Context
-    from lgd.summary import training_summary
+    from lgd.data.build import build_dataset
+    from lgd.engine.summary import training_summary
+    from lgd.methods.build import build_model
+    from lgd.utils.distributed import Context
 
     cfg = tiny_config("solver.max_iter=30", "solver.warmup_iters=100", "solver.steps=[20,40]")
     train_set = val_set = build_dataset(cfg, "val", train=False)

@@ -12,7 +12,7 @@ from torchvision.transforms.functional import to_tensor
 from helpers import ARCHS, tiny_detector
 from lgd.cli import main
 from lgd.config import ModelConfig, save_config
-from lgd.training import train
+from lgd.engine.training import train
 from lgd.export import ONNX_TOLERANCE, OnnxParity, compare_detections, deployable, export_onnx
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lgd import checkpoint, training
-from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
 from lgd.config import save_config
-from lgd.distiller import LGD
+from lgd.engine import checkpoint, output_dir, training
+from lgd.engine.checkpoint import CHECKPOINT, FINAL, load_checkpoint
+from lgd.engine.signals import StopSignals, TrainingInterrupted, ignore_stop_signals
+from lgd.engine.step import Stepper
+from lgd.engine.training import train
 from lgd.errors import DatasetError, TrainingError
-from lgd.signals import StopSignals, TrainingInterrupted, ignore_stop_signals
-from lgd.step import Stepper
-from lgd.training import train
+from lgd.methods.lgd import LGD
 
 REPO = Path(__file__).parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -96,7 +96,7 @@ def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_run(tiny_confi
 KILLED_WRITE = """
 import os, signal, sys, torch
 from pathlib import Path
-from lgd import checkpoint
+from lgd.engine import checkpoint
 
 out = Path(sys.argv[1])
 checkpoint.save_checkpoint({"iteration": 1}, out, 1, keep=3)
@@ -120,7 +120,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     assert not (tmp_path / "model_0000002.pth").exists()
     leftovers = list(tmp_path.glob(".model_0000002.pth.*.tmp"))
     assert len(leftovers) == 1 and leftovers[0].read_bytes() == b"half a checkpoint"
-    checkpoint.prepare_output_dir(tmp_path, resume=True)  # what the resuming run does first
+    output_dir.prepare_output_dir(tmp_path, resume=True)  # what the resuming run does first
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "model_0000001.pth"]
 
 
@@ -267,7 +267,7 @@ def test_a_process_that_trained_with_loader_workers_exits(tiny_config, tmp_path)
     forever while train() left its workers, which ignore SIGTERM, for multiprocessing to stop at exit."""
     config = tmp_path / "workers.yaml"
     save_config(tiny_config("data.workers=1", "solver.max_iter=2", "checkpoint_period=2"), config)
-    script = ("from lgd.config import load_config; from lgd.training import train; "
+    script = ("from lgd.config import load_config; from lgd.engine.training import train; "
               f"train(load_config({str(config)!r}), progress=False)")
     try:
         done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True,
@@ -310,7 +310,7 @@ def test_an_image_that_cannot_be_decoded_mid_run_stops_after_a_checkpoint(tiny_c
     and a checkpoint of the 3 steps done (none was due), and resumes once the file is whole again (issue 26)."""
     import shutil
 
-    from lgd.builders import build_dataset
+    from lgd.data.build import build_dataset
     from lgd.data.loader import TrainBatchSampler, _aspect_ratios
 
     images = tmp_path / "train"

@@ -8,11 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lgd.builders import build_dataset, build_model
 from lgd.cli import main
 from lgd.config import save_config
+from lgd.data.build import build_dataset
 from lgd.errors import DatasetError
 from lgd.feature_maps import DPI, PANEL_INCHES, feature_energies, find_image, level_names, render_feature_maps
+from lgd.methods.build import build_model
 
 from helpers import tiny_lgd
 

@@ -12,16 +12,17 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
 from helpers import batch, tiny_detector
-from lgd.builders import build_dataset, build_model
-from lgd.checkpoint import CHECKPOINT, FINAL, load_checkpoint
 from lgd.cli import main
 from lgd.config import FGFIConfig, ModelConfig, SolverConfig, load_config, save_config, to_dict
+from lgd.data.build import build_dataset
+from lgd.engine.checkpoint import CHECKPOINT, FINAL, load_checkpoint
+from lgd.engine.solver import Optimization, build_optimization
+from lgd.engine.training import train
 from lgd.errors import ConfigError, LGDError
 from lgd.export import export_student
 from lgd.feature_maps import DPI, PANEL_INCHES, fgfi_mask_maps
-from lgd.fgfi import FGFI, ImitationAdapter, imitation_loss, imitation_masks, load_teacher
-from lgd.solver import Optimization, build_optimization
-from lgd.training import train
+from lgd.methods.build import build_model
+from lgd.methods.fgfi import FGFI, ImitationAdapter, imitation_loss, imitation_masks, load_teacher
 
 
 def _one_level_anchors(sizes: tuple[int, ...]):

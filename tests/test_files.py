@@ -13,15 +13,16 @@ import yaml
 
 from helpers import strict_json
 from lgd import __version__
-from lgd.atomic import atomic_write_text, ensure_dir
 from lgd.cli import main
 from lgd.config import ModelConfig, config_from_dict, load_config, save_config
 from lgd.detectors import build_detector
-from lgd.checkpoint import atomic_save, load_checkpoint
-from lgd.training import train
+from lgd.engine.checkpoint import load_checkpoint
+from lgd.engine.training import train
 from lgd.errors import LGDError, WeightsError
 from lgd.export import load_student
-from lgd.files import to_json
+from lgd.utils.atomic import atomic_write_text, ensure_dir
+from lgd.utils.files import atomic_save
+from lgd.utils.files import to_json
 
 
 @contextlib.contextmanager

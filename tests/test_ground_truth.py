@@ -16,8 +16,8 @@ from lgd.data import CocoDetection
 from lgd.data.overlap import shared_images
 from lgd.data.stats import dataset_stats
 from lgd.data.yolo import parse_label_file
+from lgd.engine.summary import _split_lines
 from lgd.errors import DatasetError
-from lgd.summary import _split_lines
 from tests.oracle import oracle_eval
 
 W, H = 64, 48

@@ -1,5 +1,5 @@
-from lgd.loss_monitor import DegenerateLossMonitor, DivergenceMonitor
-from lgd.training import train
+from lgd.engine.loss_monitor import DegenerateLossMonitor, DivergenceMonitor
+from lgd.engine.training import train
 
 
 def test_a_dead_fcos_box_branch_is_reported_once_then_its_recovery():

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from lgd.config import LGDConfig, load_config
-from lgd.distiller import LGD
+from lgd.engine.solver import build_optimization, make_optimizer
 from lgd.errors import ConfigError
-from lgd.solver import build_optimization, make_optimizer
+from lgd.methods.lgd import LGD
 
 from helpers import tiny_detector
 

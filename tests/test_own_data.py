@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lgd.builders import split_paths
-from lgd.checkpoint import load_resume_checkpoint
 from lgd.cli import main
 from lgd.config import load_config, to_dict
 from lgd.data import CocoDetection
 from lgd.data import csv_boxes, voc, yolo
+from lgd.data.build import split_paths
 from lgd.data.formats import apply_class_map, cached_conversion, describe, read_class_names
 from lgd.data.stats import dataset_stats
+from lgd.engine.checkpoint import load_resume_checkpoint
 from lgd.errors import ConfigError, DatasetError, LGDError, count
 from lgd.evaluation import auto_metric
 from lgd.plots import ap_figure

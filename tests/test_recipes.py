@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lgd.config import load_config
-from lgd.summary import parameter_counts
+from lgd.engine.summary import parameter_counts
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

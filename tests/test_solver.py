@@ -5,12 +5,13 @@ from torch import nn
 
 from pathlib import Path
 
-from lgd.builders import build_dataset, build_model
 from lgd.config import load_config
-from lgd.distributed import Context
-from lgd.summary import training_summary
-from lgd.solver import Optimization, build_optimization, linear_lr_scale, make_optimizer
+from lgd.data.build import build_dataset
+from lgd.engine.solver import Optimization, build_optimization, linear_lr_scale, make_optimizer
+from lgd.engine.summary import training_summary
 from lgd.errors import ConfigError
+from lgd.methods.build import build_model
+from lgd.utils.distributed import Context
 
 from helpers import tiny_detector, tiny_lgd
 

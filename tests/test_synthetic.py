@@ -12,8 +12,9 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
-from lgd.data import synthetic
 from lgd.config import load_config
+from lgd.data import synthetic
+from lgd.data.build import split_paths
 from lgd.data.synthetic import (
     CLASS_NAMES,
     Difficulty,
@@ -22,7 +23,6 @@ from lgd.data.synthetic import (
     ensure_builtin_dataset,
     write_synthetic,
 )
-from lgd.builders import split_paths
 from lgd.errors import ConfigError
 
 SIZE = 64
@@ -217,9 +217,9 @@ def test_difficulty_from_config_names_its_own_cache_folder(tmp_path: Path) -> No
 
 
 def test_no_progress_reaches_the_dataset_generator(tmp_path, monkeypatch):
-    import lgd.data.synthetic as synthetic
-    from lgd.builders import split_paths
     from lgd.config import load_config
+    from lgd.data.build import split_paths
+    import lgd.data.synthetic as synthetic
 
     bars = []
     real = synthetic.tqdm

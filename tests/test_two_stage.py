@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lgd.config import ModelConfig
-from lgd.training import train
+from lgd.engine.training import train
 from lgd.export import export_student, load_student
 from lgd.teacher import resize_masks
 

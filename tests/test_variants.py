@@ -5,8 +5,8 @@ from torch.nn import functional as F
 
 from helpers import batch, tiny_lgd
 from lgd.config import LGDConfig, load_config
-from lgd.distiller import distillation_loss
 from lgd.errors import ConfigError
+from lgd.methods.lgd import distillation_loss
 from lgd.teacher import ImplicitTeacher, InterObjectRelationAdapter
 from lgd.teacher.descriptors import label_descriptors, pad_objects
 from lgd.teacher.label_encoder import LabelEncoder

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from lgd.draw import class_color, draw_detections, one_box_per_object, text_color
 from lgd.errors import LGDError
 from lgd.plots import plot_ap_curves, plot_metrics, read_metrics, smooth
-from lgd.visualize import class_color, draw_detections, one_box_per_object, text_color
 
 
 def _detections(with_masks: bool = False) -> dict[str, torch.Tensor]:

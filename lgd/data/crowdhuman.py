@@ -16,8 +16,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lgd.data.formats import annotation
 from lgd.data.image_io import read_image_size
+from lgd.data.records import annotation
 from lgd.data.text_io import read_text
 from lgd.errors import DatasetError
 

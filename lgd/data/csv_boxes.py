@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lgd.data.formats import annotation, coco_categories, unknown_class
 from lgd.data.image_io import read_image_size
+from lgd.data.records import annotation, coco_categories, unknown_class
 from lgd.data.text_io import read_text
 from lgd.errors import DatasetError
 

@@ -20,11 +20,12 @@ from typing import Any, Optional
 
 import yaml
 
-from lgd.atomic import atomic_write_text
+from lgd.choices import FORMATS
+from lgd.data import coco, crowdhuman, csv_boxes, voc, yolo
 from lgd.data.text_io import read_text
 from lgd.errors import DatasetError, count
+from lgd.utils.atomic import atomic_write_text
 
-FORMATS = ("coco", "voc", "yolo", "crowdhuman", "csv")
 # Bumped whenever a converter's output changes, so older cached conversions are not reused.
 CONVERTER_VERSION = 2
 ClassMap = Mapping[str, Optional[str]]
@@ -79,16 +80,6 @@ def _read_class_csv(text: str, path: Path) -> list[str]:
     return [by_id[i] for i in range(len(by_id))]
 
 
-def unknown_class(where: str, name: str, class_names: Sequence[str], names_file: str) -> DatasetError:
-    """The error for an object of class ``name`` outside ``class_names``, where ``names_file`` gave them ("" = the
-    format's defaults): it says how to add or map the class."""
-    shown = ", ".join(class_names[:5]) + (", ..." if len(class_names) > 5 else "")
-    fix = (f"add it to the names file {names_file}" if names_file
-           else "give your classes in data.names_file / --names")
-    return DatasetError(f"{where}: class '{name}' is not among the {count(len(class_names), 'class name')} ({shown}); "
-                        f"{fix}, or map it in data.class_map (e.g. {{{name}: OTHER}}, or {{{name}: null}} to drop it)")
-
-
 def source_names(class_names: Sequence[str], class_map: ClassMap) -> list[str]:
     """The class names a reader of named classes (VOC, CSV) accepts: ``class_names``, then each class map key not
     among them (:func:`apply_class_map` then renames, merges or drops those)."""
@@ -131,17 +122,6 @@ def apply_class_map(data: dict[str, Any], class_map: ClassMap, where: str) -> di
     return {**data, "categories": categories, "annotations": annotations}
 
 
-def coco_categories(names: list[str], first_id: int) -> list[dict[str, Any]]:
-    return [{"id": first_id + i, "name": name} for i, name in enumerate(names)]
-
-
-def annotation(ann_id: int, image_id: int, category_id: int, xywh: list[float], iscrowd: bool = False,
-               **extra: Any) -> dict[str, Any]:
-    """One COCO annotation; ``iscrowd`` marks a region kept out of training and ignored in evaluation."""
-    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": [float(v) for v in xywh],
-            "area": float(xywh[2] * xywh[3]), "iscrowd": int(iscrowd), **extra}
-
-
 def convert(fmt: str, root: Path, ann: str, names_file: str = "", box: str = "full",
             class_map: Optional[ClassMap] = None) -> tuple[Path, dict[str, Any]]:
     """(image root the COCO ``file_name``s are relative to, COCO instances dict) of one split, ``class_map`` applied.
@@ -149,8 +129,6 @@ def convert(fmt: str, root: Path, ann: str, names_file: str = "", box: str = "fu
     ``root`` and ``ann`` mean what ``data.<split>.root/ann`` mean for that format (see the config); "coco" reads the
     instances JSON itself (converted only to apply a class map).
     """
-    from lgd.data import coco, crowdhuman, csv_boxes, voc, yolo  # the converters import this module's helpers
-
     root = Path(root)
     class_map = class_map or {}
     names = read_class_names(Path(names_file)) if names_file else None
@@ -173,15 +151,11 @@ def convert(fmt: str, root: Path, ann: str, names_file: str = "", box: str = "fu
 
 def image_root(fmt: str, root: Path, ann: str) -> Path:
     """The folder COCO ``file_name``s of a converted split are relative to."""
-    from lgd.data import voc
-
     return voc.image_folder(root, ann) if fmt == "voc" else Path(root)
 
 
 def _sources(fmt: str, root: Path, ann: str, names_file: str) -> list[Path]:
     """The annotation files a conversion reads; a change to any of them invalidates the cache."""
-    from lgd.data import voc
-
     if fmt == "voc" and voc.is_folder_split(root, ann):
         paths = [Path(ann), root]  # the image folder: images are found there by name or stem
     elif fmt == "voc":
@@ -216,8 +190,6 @@ def cached_conversion(fmt: str, root: Path, ann: str, names_file: str, box: str,
     define the image list), so editing a label file triggers a new conversion. Written atomically: parallel
     processes may race safely.
     """
-    from lgd.data import voc
-
     root = Path(root).resolve()
     split_name = fmt == "voc" and not ann.endswith(".txt") and not voc.is_folder_split(root, ann)
     ann_path = ann if split_name else str(Path(ann).resolve())

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lgd.distributed import per_rank_batch
 from lgd.errors import DatasetError
+from lgd.utils.distributed import per_rank_batch
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
@@ -144,7 +144,7 @@ def build_eval_loader(dataset: Dataset, batch_size: int, workers: int) -> DataLo
 def stop_workers(batches: Iterator) -> None:
     """Stop the worker processes of a DataLoader iterator now, not whenever it is garbage-collected.
 
-    Training workers ignore SIGTERM (see lgd.signals), which is how multiprocessing stops workers still alive
+    Training workers ignore SIGTERM (see lgd.engine.signals), which is how multiprocessing stops workers still alive
     at interpreter exit; one left behind then keeps the finished process waiting for it forever. A loader
     without workers has nothing to stop."""
     shutdown = getattr(batches, "_shutdown_workers", None)

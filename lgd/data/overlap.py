@@ -6,25 +6,17 @@ pair of splits, where sizes differ, reads no file; a re-encoded or resized copy 
 """
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from lgd.errors import count
+from lgd.utils.files import file_digest
 
 if TYPE_CHECKING:
     from lgd.data.coco import CocoDetection
 
 EXAMPLES = 3
-
-
-def _sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shared_files(train: list[Path], val: list[Path]) -> list[tuple[Path, Path, str]]:
@@ -43,7 +35,7 @@ def shared_files(train: list[Path], val: list[Path]) -> list[tuple[Path, Path, s
 
     def sha1(path: Path) -> str:
         if path not in hashes:
-            hashes[path] = _sha1(path)
+            hashes[path] = file_digest(path, "sha1")
         return hashes[path]
 
     found = []

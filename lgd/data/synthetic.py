@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,11 +32,9 @@ import pycocotools.mask as mask_utils
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..atomic import ensure_dir
+from lgd.utils.atomic import ensure_dir
+from .difficulty import CLASS_NAMES, EMPTY_PROB, Difficulty
 
-CLASS_NAMES: tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "cross", "ring", "hexagon", "diamond",
-)
 # Bumped whenever the rendering changes, so cached datasets of an older generator are not reused.
 GENERATOR_VERSION = 1
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -44,53 +42,6 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 _TEXTURES = ("solid", "stripes", "dots", "noise", "gradient")
 _MAX_VISIBLE_LOSS = 0.5
 _PLACEMENT_TRIES = 30
-_EMPTY_PROB = 0.03  # share of images with no object at all
-
-
-@dataclass(frozen=True)
-class Difficulty:
-    """How hard the built-in dataset is. The defaults are the benchmark dataset, byte for byte.
-
-    Each knob only changes the numbers the generator draws with, never the order of its random
-    draws, except ``clutter=False``, which skips the clutter's draws altogether.
-    """
-
-    num_classes: int = len(CLASS_NAMES)  # the first N of CLASS_NAMES
-    min_object_px: float = 8.0  # smallest object diameter (px); also the smallest distractor's
-    max_objects: int = 12  # an ordinary image has 1 to this many objects
-    crowded_prob: float = 0.08  # share of crowded images: 20-30 objects of at most size / 5
-    clutter: bool = True  # unannotated distractors (blobs, bars, lines, scribbles) and thin lines over objects
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.num_classes <= len(CLASS_NAMES):
-            raise ValueError(f"num_classes must be 1 to {len(CLASS_NAMES)}, got {self.num_classes}")
-        if self.min_object_px < 2:
-            raise ValueError(f"min_object_px must be at least 2, got {self.min_object_px}")
-        if self.max_objects < 1:
-            raise ValueError(f"max_objects must be at least 1, got {self.max_objects}")
-        if not 0.0 <= self.crowded_prob <= 1.0 - _EMPTY_PROB:
-            raise ValueError(f"crowded_prob must be 0 to {1.0 - _EMPTY_PROB}, got {self.crowded_prob}")
-
-    @classmethod
-    def of(cls, settings: object) -> "Difficulty":
-        """The difficulty named by an object with these fields as attributes (``cfg.data.synth``)."""
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
-
-    def tag(self) -> str:
-        """The part of the dataset's folder name that names the knobs differing from the defaults ('' for none)."""
-        default = Difficulty()
-        parts = []
-        if self.num_classes != default.num_classes:
-            parts.append(f"k{self.num_classes}")
-        if self.min_object_px != default.min_object_px:
-            parts.append(f"min{self.min_object_px:g}")
-        if self.max_objects != default.max_objects:
-            parts.append(f"max{self.max_objects}")
-        if self.crowded_prob != default.crowded_prob:
-            parts.append(f"crowd{self.crowded_prob:g}")
-        if not self.clutter:
-            parts.append("noclutter")
-        return "".join("-" + p for p in parts)
 
 
 def default_cache_dir() -> Path:
@@ -249,9 +200,9 @@ def _render_image(
 
     min_diameter = difficulty.min_object_px
     draw = rng.random()
-    if draw < _EMPTY_PROB:
+    if draw < EMPTY_PROB:
         wanted, max_diameter = 0, 0.0
-    elif draw < _EMPTY_PROB + difficulty.crowded_prob:
+    elif draw < EMPTY_PROB + difficulty.crowded_prob:
         wanted, max_diameter = int(rng.integers(20, 31)), max(min_diameter + 2, size / 5)
     else:
         wanted, max_diameter = int(rng.integers(1, difficulty.max_objects + 1)), size / 2

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 from xml.parsers import expat
 
-from lgd.data.formats import annotation, coco_categories, unknown_class
 from lgd.data.image_io import IMAGE_EXTENSIONS, find_images, read_image_size
+from lgd.data.records import annotation, coco_categories, unknown_class
 from lgd.data.text_io import read_text
 from lgd.errors import DatasetError, count
 

@@ -12,8 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from lgd.data.formats import annotation, coco_categories
 from lgd.data.image_io import IMAGE_EXTENSIONS, find_images, read_image_size
+from lgd.data.records import annotation, coco_categories
 from lgd.data.text_io import read_text
 from lgd.errors import DatasetError, count
 

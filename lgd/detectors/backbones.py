@@ -1,6 +1,7 @@
 """Backbones by name (``model.backbone``): torchvision ResNets, ResNeXts and Swin-T, each with an FPN on top.
 
-``BACKBONES`` is the one registry: adding a backbone is one entry here. Every backbone returned by
+``BACKBONES`` is the one registry: adding a backbone is one entry here and its name in
+``lgd.choices.BACKBONE_NAMES``. Every backbone returned by
 ``build_backbone`` has ``body`` (the trunk: what ``lgd.freeze_backbone_iters`` freezes), ``fpn`` and
 ``out_channels``, and maps (B, 3, H, W) images to an OrderedDict of FPN levels, finest first:
 P3-P7 (keys '0', '1', '2', 'p6', 'p7') for one-stage detectors, P2-P6 ('0'..'3', 'pool') for R-CNNs.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 from torchvision import models
@@ -19,12 +19,10 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops import misc as misc_ops
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
+from lgd.config import ModelConfig, backbone_name
 from lgd.detectors.deform import deform_resnet
 from lgd.detectors.weights import load_into
 from lgd.errors import ConfigError
-
-if TYPE_CHECKING:  # only annotations: lgd.config imports this module for the model.backbone choices
-    from lgd.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -51,22 +49,6 @@ BACKBONES: dict[str, Backbone] = {
     "resnext101_32x8d": Backbone("resnet", _BOTTLENECK, _RESNET_LAYERS),
     "swin_t": Backbone("swin", (96, 192, 384, 768), _SWIN_LAYERS),
 }
-DEPTHS = (18, 34, 50, 101)  # model.depth, the older way to name resnet{depth}
-
-
-def backbone_name(cfg: ModelConfig) -> str:
-    """The registry name the config asks for: ``model.backbone``, else ``resnet{model.depth}``, else resnet50.
-
-    Raises:
-        ConfigError: both keys are set and disagree, or the name is not registered.
-    """
-    name = cfg.backbone or f"resnet{cfg.depth or 50}"
-    if cfg.backbone and cfg.depth is not None and cfg.backbone != f"resnet{cfg.depth}":
-        raise ConfigError(f"model.depth={cfg.depth} and model.backbone={cfg.backbone} disagree: set only "
-                          f"model.backbone (model.depth is the older name for model.backbone=resnet<depth>)")
-    if name not in BACKBONES:
-        raise ConfigError(f"model.backbone must be one of {', '.join(BACKBONES)}; got '{name}'")
-    return name
 
 
 def _norm_layer(norm: str):
@@ -138,13 +120,11 @@ def build_backbone(cfg: ModelConfig, one_stage: bool) -> nn.Module:
     """The named trunk with an FPN: P3-P7 (P6/P7 from P5) for one-stage detectors, P2-P6 (max-pool P6) for R-CNNs.
 
     Raises:
-        ConfigError: an unknown or inconsistent backbone name, ``model.trainable_layers`` outside 0..5, or
-            deformable stages asked of a backbone without bottlenecks.
+        ConfigError: an unknown or inconsistent backbone name, or deformable stages asked of a backbone without
+            bottlenecks.
     """
     name = backbone_name(cfg)
     spec = BACKBONES[name]
-    if not 0 <= cfg.trainable_layers <= 5:
-        raise ConfigError(f"model.trainable_layers must be in 0..5, got {cfg.trainable_layers}")
     trunk = _trunk(cfg, name, spec)
     trainable = tuple(p + "." for layer in spec.layers[: cfg.trainable_layers] for p in layer)
     for pname, p in trunk.named_parameters():

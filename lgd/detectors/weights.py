@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchvision import models
 
 from lgd.errors import WeightsError
-from lgd.files import load_torch_file
+from lgd.utils.files import load_torch_file
 
 
 def load_into(module: nn.Module, spec: str, key: str, strict: bool) -> None:

@@ -7,13 +7,12 @@ from pathlib import Path
 
 from pycocotools.coco import COCO
 
+from lgd.choices import METRICS
 from lgd.evaluation.categories import Categories, check_categories, dataset_categories, read_categories
 from lgd.evaluation.coco import (DEFAULT_MAX_DETS, EvalResult, detections_to_coco, evaluate_coco, format_percent,
                                  save_results, teacher_ahead, warn_dense_images)
 from lgd.evaluation.crowdhuman import evaluate_crowdhuman
 from lgd.evaluation.voc import evaluate_voc
-
-METRICS = ("coco", "voc", "voc07", "crowdhuman")
 
 
 def auto_metric(fmt: str, root: str) -> str:

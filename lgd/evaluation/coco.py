@@ -21,9 +21,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from lgd.atomic import atomic_write_text
 from lgd.errors import DatasetError
-from lgd.files import to_json
+from lgd.utils.atomic import atomic_write_text
+from lgd.utils.files import to_json
 
 IOU_TYPES = ("bbox", "segm")
 # Names of the first six entries of COCOeval.stats, in order.

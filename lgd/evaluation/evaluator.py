@@ -9,15 +9,15 @@ import torch
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from lgd import distributed
-from lgd.builders import to_device
 from lgd.config import Config
 from lgd.data import CocoDetection, build_eval_loader
-from lgd.detectors import set_test_size
-from lgd.distributed import Context
+from lgd.data.build import to_device
+from lgd.detectors import VIEWS, set_test_size
 from lgd.evaluation import (EvalResult, auto_metric, detections_to_coco, evaluate_detections, save_results,
                             warn_dense_images)
-from lgd.trainable import Trainable
+from lgd.methods.trainable import Trainable
+from lgd.utils import distributed
+from lgd.utils.distributed import Context
 
 
 def split_metric(cfg: Config, split: str) -> str:
@@ -69,7 +69,8 @@ def evaluate(
     if gathered is None:
         return None
     outputs, ids = [o for o, _ in gathered], [i for _, i in gathered]
-    with_masks = cfg.model.arch == "maskrcnn"
+    # From the config, not the instance: a stand-in student (tests' perfect detector) has no view.
+    with_masks = VIEWS[cfg.model.arch].has_masks
     results = detections_to_coco(outputs, ids, dataset.label_to_category_id, with_masks=with_masks)
     if out_file is not None:
         save_results(results, out_file)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CLASS_FORMATS = ("one_hot", "norm_classes")
+from lgd.choices import CLASS_FORMATS
 
 
 @dataclass(frozen=True)

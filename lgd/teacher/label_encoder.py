@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-LABEL_FUSIONS = ("concat", "balanced")
+from lgd.choices import LABEL_FUSIONS
 
 
 def linear_block(in_dim: int, out_dim: int) -> nn.Sequential:

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from lgd.choices import ATTENTION_PATTERNS
 from lgd.teacher.label_encoder import linear_block
-
-ATTENTION_PATTERNS = ("student_guided", "label_guided", "student_fill", "teacher_fill")
 
 
 class InterObjectRelationAdapter(nn.Module):

@@ -7,15 +7,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lgd.choices import ATTENTION_PATTERNS, CLASS_FORMATS, LABEL_FUSIONS
 from lgd.teacher.appearance import AppearanceEncoder
-from lgd.teacher.descriptors import CLASS_FORMATS, PaddedObjects, descriptor_dim, label_descriptors, pad_objects
-from lgd.teacher.label_encoder import LABEL_FUSIONS, LabelEncoder
+from lgd.teacher.descriptors import PaddedObjects, descriptor_dim, label_descriptors, pad_objects
+from lgd.teacher.label_encoder import LabelEncoder
 from lgd.teacher.mapper import IntraObjectKnowledgeMapper
 from lgd.teacher.masks import inside_masks, mask_crops, resize_masks
-from lgd.teacher.relation import ATTENTION_PATTERNS, InterObjectRelationAdapter
+from lgd.teacher.relation import InterObjectRelationAdapter
 
 # Where the distillation loss is taken (lgd.distill_region): every pixel (reference) or object_pixels only.
-DISTILL_REGIONS = ("all", "objects")
 
 
 @dataclass

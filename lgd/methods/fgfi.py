@@ -15,7 +15,6 @@ resume with another teacher file is refused.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -26,22 +25,13 @@ from torchvision.ops import box_iou
 
 from lgd.config import FGFIConfig, ModelConfig, config_from_dict
 from lgd.detectors import DetectorView, Targets, build_detector, view_of
-from lgd.detectors.build import retinanet_anchors
+from lgd.detectors.views import retinanet_anchors
 from lgd.detectors.weights import student_state
 from lgd.errors import LGDError
 from lgd.export import FORMAT, build_student
-from lgd.files import load_torch_file
-from lgd.solver import OptimizerGroup
-from lgd.trainable import Trainable
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, as 64 hex digits."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+from lgd.methods.trainable import Trainable
+from lgd.methods.trainable import OptimizerGroup
+from lgd.utils.files import file_digest, load_torch_file
 
 
 def load_teacher(path: Path) -> tuple[nn.Module, str]:
@@ -73,7 +63,7 @@ def load_teacher(path: Path) -> tuple[nn.Module, str]:
     except (LGDError, RuntimeError, KeyError, TypeError) as e:
         raise LGDError(f"fgfi.teacher={path}: cannot use it as the teacher ({e})") from None
     detector.eval().requires_grad_(False)
-    return detector, file_sha256(path)
+    return detector, file_digest(path)
 
 
 def imitation_masks(anchors: list[Tensor], shapes: list[tuple[int, int]], boxes: Tensor, psi: float) -> list[Tensor]:
@@ -244,10 +234,7 @@ class FGFI(Trainable):
         """
         if not self.training:
             return self.student(images)
-        if targets is None:
-            raise ValueError("FGFI needs targets in training mode")
-        image_list, targets = self.view.preprocess(images, targets)
-        features = self.view.features(image_list)
+        image_list, targets, features = self.view.training_inputs(images, targets, "FGFI")
         losses, _ = self.view.losses(image_list, targets, features)
         losses = dict(losses)
         student = list(features.values())

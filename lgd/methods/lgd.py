@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from lgd.choices import DISTILL_REGIONS
 from lgd.config import LGDConfig
 from lgd.detectors import DetectorView, Targets, view_of
-from lgd.solver import OptimizerGroup
+from lgd.methods.trainable import Trainable
+from lgd.methods.trainable import OptimizerGroup
 from lgd.teacher import ImplicitTeacher, TeacherOutput
-from lgd.teacher.teacher import DISTILL_REGIONS
-from lgd.trainable import Trainable
 
 
 class FeatureAdapter(nn.Module):
@@ -189,10 +189,7 @@ class LGD(Trainable):
     def forward(self, images: list[Tensor], targets: Optional[Targets] = None):
         if not self.training:
             return self.student(images)
-        if targets is None:
-            raise ValueError("LGD needs targets in training mode")
-        image_list, targets = self.view.preprocess(images, targets)
-        features = self.view.features(image_list)
+        image_list, targets, features = self.view.training_inputs(images, targets, "LGD")
         # the labels show up in torch.profiler traces (benchmarks/profile_step.py)
         with record_function("lgd.teacher"):
             teacher = self.teach(image_list.tensors.shape[-2:], features, targets)

@@ -1,42 +1,37 @@
 """Checkpoints: what a run saves and how it comes back — atomic writes, the newest K kept, RNG state for exact
-resume, the free-space and writability checks made before training, and loading weights into a model."""
+resume, the free-space and writability checks made before training, loading weights into a model, and a trained
+model read back for evaluation, export and pictures."""
 from __future__ import annotations
 
 import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from lgd import distributed
-from lgd.atomic import atomic_write
-from lgd.config import Config, config_from_dict, flatten, to_dict
+from lgd.config import Config, config_from_dict, flatten, runtime_keys, to_dict
+from lgd.data.build import build_dataset, split_paths
+from lgd.data.coco import CocoDetection
 from lgd.detectors.weights import is_lgd_state, student_state
-from lgd.distributed import Context
+from lgd.engine.solver import Optimization
 from lgd.errors import LGDError, TrainingError, count
-from lgd.files import load_torch_file
-from lgd.solver import Optimization
-from lgd.trainable import Trainable
+from lgd.evaluation import Categories, check_categories, read_categories
+from lgd.methods.build import build_model
+from lgd.methods.trainable import Trainable
+from lgd.utils import distributed
+from lgd.utils.atomic import atomic_write
+from lgd.utils.distributed import Context
+from lgd.utils.files import atomic_save, load_torch_file
 
 CHECKPOINT = "last.pth"  # always the newest checkpoint (a hard link to the newest numbered one where possible)
 FINAL = "model_final.pth"
 NUMBERED = re.compile(r"model_(\d{7})\.pth")
-# Keys that may change between a run and its --resume: where and how fast it runs, not what it computes. The FGFI
-# teacher may move: the checkpoint's teacher_sha256 decides whether it is the same file (lgd/fgfi.py).
 RESUME_KEYS_SHOWN = 8  # differing keys a refused --resume lists with their values; the rest are counted
-RUNTIME_KEYS = ("output_dir", "device", "threads", "data.workers", "keep_checkpoints", "checkpoint_period",
-                "log_period", "eval_period", "solver.nan_policy", "fgfi.teacher")
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save, atomically: a crash never leaves half a checkpoint."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def rng_state() -> dict[str, Any]:
@@ -96,46 +91,6 @@ def save_checkpoint(state: dict[str, Any], out: Path, iteration: int, keep: int)
     return path
 
 
-def prepare_output_dir(out: Path, resume: bool = False) -> None:
-    """Create ``out`` and prove it writable before any work starts; remove temporaries that killed writes left.
-
-    Raises TrainingError naming the folder and the reason, so an unwritable folder is reported before the
-    dataset is read or a model built, not at the first checkpoint hours later; and when ``out`` already holds a
-    run's checkpoint and this is not a resume, since starting afresh would overwrite that run.
-    """
-    if not resume and (out / CHECKPOINT).is_file():
-        raise TrainingError(f"output_dir {out} already holds a run ({CHECKPOINT}); continue it with --resume, or "
-                            "start a new run in another output_dir (or delete this one to start it over)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".lgd-write-test.", suffix=".tmp") as probe:
-            probe.write(b"lgd")
-            probe.flush()
-    except OSError as e:
-        raise TrainingError(f"output_dir {out} is not writable ({e.strerror or e}); choose another output_dir "
-                            "or fix its permissions") from None
-    for leftover in out.glob(".*.tmp"):  # temporaries of killed writes (atomic_write, the probe above)
-        if leftover.is_file():
-            leftover.unlink(missing_ok=True)
-
-
-def checkpoint_bytes(model: nn.Module, opt: Optimization) -> int:
-    """Size of one checkpoint: the model's state plus one SGD momentum buffer per trainable parameter."""
-    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    momentum = sum(p.numel() * p.element_size() for o in opt.optimizers for g in o.param_groups for p in g["params"])
-    return state + momentum
-
-
-def check_free_space(out: Path, needed: int) -> None:
-    """Raises TrainingError when ``out``'s file system has fewer than ``needed`` bytes free."""
-    free = shutil.disk_usage(out).free
-    if free < needed:
-        raise TrainingError(
-            f"output_dir {out} has {free / 2**20:.0f} MiB free, but this run needs about {needed / 2**20:.0f} MiB "
-            "for its checkpoints (the newest and the one being written); free space or choose another output_dir"
-        )
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint's contents, on the CPU, read with weights_only=True. Raises LGDError for a missing, truncated,
     foreign or code-carrying file."""
@@ -164,7 +119,8 @@ def load_resume_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
         raise LGDError(f"--resume: no checkpoint at {path}; start without --resume")
     ckpt = load_checkpoint(path)
     saved, now = flatten(to_dict(config_from_dict(ckpt["config"]))), flatten(to_dict(cfg))
-    differ = [k for k, v in now.items() if k not in RUNTIME_KEYS and saved[k] != v]
+    runtime = runtime_keys()
+    differ = [k for k, v in now.items() if k not in runtime and saved[k] != v]
     if differ:
         longer = ("; a finished schedule cannot be extended (its LR steps and LGD windows are placed by "
                   "solver.max_iter): train a new run from it with model.weights=" + str(path.parent / FINAL) + ")"
@@ -200,6 +156,16 @@ class Checkpointer:
         return distributed.share_from_main(self.ctx, lambda: save_checkpoint(state, self.out, it,
                                                                              self.cfg.keep_checkpoints))
 
+    def resume(self, ckpt: dict[str, Any]) -> None:
+        """Continue from ``ckpt`` (``last.pth`` as ``load_resume_checkpoint`` read it): the model's, the
+        optimization's and the gradient scaler's state, and this rank's RNG state. Called once the data loader has
+        drawn its seed from torch's generator, so that every random stream goes on as in the interrupted run."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimization.load_state_dict(ckpt["optimisation"])
+        if "scaler" in ckpt and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng_state(ckpt["rng"], self.ctx)
+
     def save_debug(self, it: int, losses_per_rank: list[dict[str, float]], image_ids: list[Any]) -> Path:
         """The state before the failed step (no parameter changed), with every rank's loss values."""
         path = self.out / f"nan_debug_{it:07d}.pth"
@@ -213,3 +179,27 @@ class Checkpointer:
         if self.ctx.is_main:
             atomic_save({"model": self.model.state_dict(), "iteration": it, "config": to_dict(self.cfg),
                          "categories": self.categories}, self.out / FINAL)
+
+
+def load_trained_model(cfg: Config, weights: Optional[Path] = None) -> tuple[Trainable, Categories, Path]:
+    """The model a run trained (``weights`` or ``output_dir/model_final.pth``), the categories it was trained on and
+    the file read: no image is opened (exporting a model needs no dataset)."""
+    path = Path(weights) if weights else Path(cfg.output_dir) / FINAL
+    ckpt = load_checkpoint(path)
+    # checkpoints written before categories were stored: the config's training split's annotation file
+    categories = ckpt.get("categories") or read_categories(split_paths(cfg, "train")[1])
+    model = build_model(cfg, len(categories["ids"]), teacher=False)
+    load_model_weights(model, ckpt)
+    return model, categories, path
+
+
+def load_trained(cfg: Config, split: str, weights: Optional[Path] = None) -> tuple[Trainable, CocoDetection]:
+    """The model a run trained (``weights`` or ``output_dir/model_final.pth``) and the split's evaluation dataset.
+
+    Raises:
+        DatasetError: the split's categories differ from the model's.
+    """
+    dataset = build_dataset(cfg, split, train=False)
+    model, categories, path = load_trained_model(cfg, weights)
+    check_categories(categories, dataset, split, f"checkpoint {path}")
+    return model, dataset

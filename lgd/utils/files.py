@@ -1,6 +1,6 @@
 """Reading and writing lgd's files safely: strict JSON and weights-only torch loads.
 
-(Atomic, umask-respecting writes are in ``lgd.atomic``.)
+(Atomic, umask-respecting writes are in ``lgd.utils.atomic``; :func:`atomic_save` is ``torch.save`` through them.)
 
 - JSON: Python's ``json`` writes NaN and Infinity, which are not JSON and which strict parsers (``jq``,
   JavaScript, most databases) reject. Every JSON lgd writes goes through :func:`to_json`, which writes
@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from lgd.errors import LGDError
+from lgd.utils.atomic import atomic_write
 
 
 def finite_or_none(value: Any) -> Any:
@@ -79,3 +81,17 @@ def _unsafe_globals(path: Path) -> str:
     except Exception:  # an older torch without this function, or a file it cannot scan
         return "objects a weights-only load does not allow"
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save, atomically: a crash never leaves half a checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The ``hashlib`` digest of a file's bytes (read 1 MiB at a time), as hex digits."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

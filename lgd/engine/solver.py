@@ -13,17 +13,7 @@ import torch
 from torch import nn
 
 from lgd.config import SolverConfig
-
-
-@dataclass
-class OptimizerGroup:
-    """The modules one optimizer updates; a hyper-parameter left None is the solver config's."""
-
-    modules: list[nn.Module]
-    lr: Optional[float] = None
-    momentum: Optional[float] = None
-    weight_decay: Optional[float] = None
-    optimizer: Optional[str] = None  # "sgd" | "adamw"
+from lgd.methods.trainable import OptimizerGroup
 
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -89,28 +79,32 @@ class Optimization:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
-    def step(self, scaler: Optional[torch.amp.GradScaler] = None) -> list[nn.Parameter]:
-        """Clip and step each optimizer on the gradients in place, then advance the schedules.
+    def _with_gradients(self) -> list[tuple[torch.optim.Optimizer, list[nn.Parameter]]]:
+        """Each optimizer with its parameters that have a gradient; one with none is left alone, as SGD itself
+        would (its weight decay and momentum only touch parameters with gradients)."""
+        active = [(opt, [p for g in opt.param_groups for p in g["params"] if p.grad is not None])
+                  for opt in self.optimizers]
+        return [(opt, params) for opt, params in active if params]
 
-        Returns the parameters whose gradient is NaN or infinite, and then changes nothing: the check runs
-        before any optimizer steps or clipping spreads the bad value. Under fp16 the ``scaler`` instead
-        unscales each optimizer's gradients and skips the step of one whose gradients overflowed (dynamic loss
-        scaling expects that now and then). An optimizer none of whose parameters has a gradient is left alone,
-        as SGD itself would (its weight decay and momentum only touch parameters with gradients).
-        """
+    def nonfinite_gradients(self, scaler: Optional[torch.amp.GradScaler] = None) -> list[nn.Parameter]:
+        """The parameters whose gradient is NaN or infinite, found before clipping or any optimizer spreads the bad
+        value. Under fp16 the ``scaler`` first unscales each optimizer's gradients, and none is reported: its step
+        skips an optimizer whose gradients overflowed (dynamic loss scaling expects that now and then)."""
+        active = self._with_gradients()
+        if scaler is not None and scaler.is_enabled():
+            for opt, _ in active:
+                scaler.unscale_(opt)
+            return []
+        grads = [p.grad for _, params in active for p in params]
+        if grads and not bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for g in grads])).all()):
+            return [p for _, params in active for p in params if not bool(torch.isfinite(p.grad).all())]
+        return []
+
+    def step(self, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        """Clip each optimizer's gradients (``clip_type``, each optimizer separately) and step it; under fp16
+        through the ``scaler``, after ``nonfinite_gradients`` unscaled them."""
         scaling = scaler is not None and scaler.is_enabled()
-        active = []
-        for opt in self.optimizers:
-            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            if params:
-                active.append((opt, params))
-                if scaling:
-                    scaler.unscale_(opt)
-        if not scaling and active:
-            grads = [p.grad for _, params in active for p in params]
-            if not bool(torch.isfinite(torch.stack([torch.linalg.vector_norm(g) for g in grads])).all()):
-                return [p for _, params in active for p in params if not bool(torch.isfinite(p.grad).all())]
-        for opt, params in active:
+        for opt, params in self._with_gradients():
             if self.clip_type == "value":
                 torch.nn.utils.clip_grad_value_(params, self.clip_value)
             elif self.clip_type == "norm":
@@ -121,11 +115,10 @@ class Optimization:
                 opt.step()
         if scaling:
             scaler.update()
-        self.advance()
-        return []
 
     def advance(self) -> None:
-        """Move the schedules one iteration on (also for a skipped step: the rate is a function of the iteration)."""
+        """Move the schedules one iteration on (the engine's ``LRScheduler`` hook, after every step, also a skipped
+        one: the rate is a function of the iteration)."""
         for sched in self.schedulers:
             sched.step()
 

@@ -6,13 +6,24 @@ diagnostic (``teacher_detect``). ``student`` is always the torchvision detector 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from torch import Tensor, nn
 
 from lgd.detectors import Targets
 from lgd.errors import LGDError
-from lgd.solver import OptimizerGroup
+
+
+@dataclass
+class OptimizerGroup:
+    """The modules one optimizer updates; a hyper-parameter left None is the solver config's."""
+
+    modules: list[nn.Module]
+    lr: Optional[float] = None
+    momentum: Optional[float] = None
+    weight_decay: Optional[float] = None
+    optimizer: Optional[str] = None  # "sgd" | "adamw"
 
 
 class Trainable(nn.Module):

@@ -1,5 +1,5 @@
 """One training step: forward in micro-batches under autocast, a finiteness check agreed by all ranks, backward,
-clipping and every optimizer's step (lgd/solver.py); a step found non-finite is undone and reported instead."""
+clipping and every optimizer's step (lgd/engine/solver.py); a step found non-finite is undone and reported instead."""
 from __future__ import annotations
 
 import contextlib
@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lgd import distributed
 from lgd.config import SolverConfig
-from lgd.distributed import Context
-from lgd.solver import Optimization
+from lgd.engine.solver import Optimization
+from lgd.utils import distributed
+from lgd.utils.distributed import Context
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -105,9 +105,10 @@ class Stepper:
             mean = flags[0] / (self.ctx.world_size * self.accumulate)
             total_mean = mean if total_mean is None else total_mean + mean
         # Gradients are the same on every rank now (averaged), so every rank finds the same bad ones.
-        bad_params = self.opt.step(self.scaler)
+        bad_params = self.opt.nonfinite_gradients(self.scaler)
         if bad_params:
             return self._failed(sums, targets, buffers, [self.names[id(p)] for p in bad_params])
+        self.opt.step(self.scaler)
         return StepResult(losses=sums, total=total_mean, stop=stop)
 
     def _failed(self, losses: dict[str, Tensor], targets: list[dict], buffers: list[tuple[Tensor, Tensor]],

@@ -10,13 +10,13 @@ from torch import nn
 
 from lgd import __version__, errors
 from lgd.config import Config
+from lgd.config import backbone_name
 from lgd.data import CocoDetection
 from lgd.data.stats import dataset_stats
 from lgd.detectors import build_detector
-from lgd.detectors.backbones import backbone_name
-from lgd.distiller import LGD
-from lgd.distributed import Context
-from lgd.solver import linear_lr_scale
+from lgd.engine.solver import linear_lr_scale
+from lgd.methods.lgd import LGD
+from lgd.utils.distributed import Context
 
 
 def count(module: nn.Module) -> int:

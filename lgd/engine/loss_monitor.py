@@ -2,11 +2,8 @@
 that has stopped learning, ``DegenerateLossMonitor``) and a loss far above its early level (a run that diverges,
 ``DivergenceMonitor``).
 
-FCOS's box regression is the known case. torchvision's FCOS passes its box-regression outputs through a ReLU and
-decodes them as distances from each location; where every output is <= 0, each predicted box has zero size, its
-GIoU loss is exactly 1 and no gradient reaches the branch. From scratch the branch starts near that point (its
-outputs are ~0 at initialisation), and in LGD runs the teacher's loss through the shared head can push it there
-for hundreds of iterations (BENCHMARKS.md, "The dead box-regression branch").
+Each detector's view names its degenerate values (``DetectorView.degenerate_losses``, lgd/detectors/views.py): FCOS's
+box regression is the known case.
 """
 from __future__ import annotations
 
@@ -14,27 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Mapping
 
-
-@dataclass(frozen=True)
-class DegenerateValue:
-    """A loss value that means a branch has stopped learning, and what to tell the user about it."""
-
-    value: float
-    meaning: str
-    advice: str
-
-
-_FCOS_BOX = DegenerateValue(
-    1.0,
-    "FCOS's box-regression branch predicts zero-size boxes (every output is <= 0 after its ReLU), so its GIoU "
-    "loss is 1 and it gets no gradient: the detector is not learning where objects are",
-    "runs often recover by themselves; if it lasts, try a longer or gentler warm-up (solver.warmup_iters, "
-    "solver.warmup_factor), a lower solver.base_lr, or lgd.teacher_trains_head=false (the teacher's loss then "
-    "no longer moves the shared head)",
-)
-
-# Per detector: loss term (also with the teacher/ prefix) -> its degenerate value.
-DEGENERATE_LOSSES: dict[str, dict[str, DegenerateValue]] = {"fcos": {"bbox_regression": _FCOS_BOX}}
+from lgd.detectors import VIEWS
 
 
 @dataclass
@@ -56,7 +33,7 @@ class DegenerateLossMonitor:
     def update(self, iteration: int, losses: Mapping[str, float]) -> list[str]:
         """Feed one iteration's loss terms; returns the messages that are due now (each episode warns once,
         and its end is reported too)."""
-        known = DEGENERATE_LOSSES.get(self.arch, {})
+        known = VIEWS[self.arch].degenerate_losses
         messages = []
         for term, loss in losses.items():
             degenerate = known.get(term.removeprefix("teacher/"))

@@ -45,7 +45,7 @@ class StopSignals:
         self.received = signum
         if self.announce:
             # Nothing the announcement meets may escape: raised here, it would abort the step this signal
-            # interrupted, and its checkpoint. A closed reader (lgd/streams.py), or a write to stderr that the
+            # interrupted, and its checkpoint. A closed reader (lgd/utils/streams.py), or a write to stderr that the
             # signal interrupted (the buffer's "reentrant call" RuntimeError), costs only the line.
             try:
                 print(f"\nlgd: {signal.Signals(signum).name} received: finishing this step and writing a checkpoint "

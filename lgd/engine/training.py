@@ -1,6 +1,6 @@
-"""A training run: ``train(cfg)`` builds it from the config (datasets, model, optimizers, resumed state, hooks),
-lets the ``Trainer`` (lgd/train_loop.py) run the iterations, and ends it with ``model_final.pth``, an evaluation
-on val, the curves and ``eval_val.txt``.
+"""A training run: ``train(cfg)`` builds it from the config (datasets, model, optimizers, the checkpoint it resumes,
+the records, the hooks), lets the ``Trainer`` (lgd/engine/trainer.py) run it — its hooks resume it, and end it with
+``model_final.pth`` and an evaluation on val — and reports it: the curves and ``eval_val.txt``.
 """
 from __future__ import annotations
 
@@ -8,41 +8,42 @@ import functools
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from lgd import distributed
-from lgd.builders import build_dataset, build_model, resolve_device, seed_everything, split_paths
-from lgd.checkpoint import (CHECKPOINT, Checkpointer, check_free_space, checkpoint_bytes, load_resume_checkpoint,
-                            prepare_output_dir, restore_rng_state)
 from lgd.config import Config, save_config
 from lgd.data import CocoDetection, build_train_loader
-from lgd.data.loader import stop_workers
+from lgd.data.build import build_dataset, split_paths
 from lgd.data.overlap import shared_images
-from lgd.distributed import Context
+from lgd.engine.checkpoint import CHECKPOINT, Checkpointer, load_resume_checkpoint
+from lgd.engine.events import ConsoleWriter, EventStorage, JSONWriter, TensorboardWriter
+from lgd.engine.hooks import EvalHook, build_hooks
+from lgd.engine.output_dir import check_free_space, checkpoint_bytes, prepare_output_dir
+from lgd.engine.signals import ignore_stop_signals
+from lgd.engine.solver import build_optimization, linear_lr_scale
+from lgd.engine.step import Stepper
+from lgd.engine.summary import training_summary
+from lgd.engine.trainer import Hook, Trainer
 from lgd.errors import ConfigError
 from lgd.evaluation import EvalResult, check_categories, dataset_categories
 from lgd.evaluation.evaluator import evaluate
-from lgd.events import MetricsLog, truncate_metrics
-from lgd.hooks import (CheckpointOnDataError, MetricsWriter, ModelSchedule, NanPolicy, PeriodicCheckpoint, PeriodicEval,
-                       StopOnSignal)
-from lgd.loss_monitor import DegenerateLossMonitor, DivergenceMonitor
-from lgd.signals import ignore_stop_signals
-from lgd.solver import Optimization, build_optimization, linear_lr_scale
-from lgd.step import Stepper
-from lgd.summary import training_summary
-from lgd.train_loop import Trainer
-from lgd.trainable import Trainable
+from lgd.methods.build import build_model
+from lgd.methods.trainable import Trainable
+from lgd.utils import distributed
+from lgd.utils.distributed import Context
+from lgd.utils.env import resolve_device, seed_everything
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train (LGD or baseline) as the config says; returns the final metrics on the val split.
+def train(cfg: Config, resume: bool = False, progress: bool = True, extra_hooks: Sequence[Hook] = ()) -> dict[str, Any]:
+    """Train (LGD, FGFI or baseline) as the config says; returns the final metrics on the val split. ``extra_hooks``
+    run after the run's own (``build_hooks``), around every step.
 
     Launched by torchrun, every process runs this with the same config and they train one model together
-    (lgd/distributed.py); only rank 0 writes files, and only its return value carries the ``result``.
+    (lgd/utils/distributed.py); only rank 0 writes files, and only its return value carries the ``result``.
 
     Raises:
         TrainingError: ``output_dir`` is not writable, or already holds a run and ``resume`` is false; a loss or
@@ -51,12 +52,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> dict[str,
     """
     ctx = distributed.init(resolve_device(cfg.device))
     try:
-        return _train(cfg, ctx, resume, progress)
+        return _train(cfg, ctx, resume, progress, extra_hooks)
     finally:
         distributed.cleanup(ctx)
 
 
-def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str, Any]:
+def _train(cfg: Config, ctx: Context, resume: bool, progress: bool, extra_hooks: Sequence[Hook]) -> dict[str, Any]:
     """``train`` in this process; the order of the steps up to the data loader is that of the random streams."""
     out = Path(cfg.output_dir)
     with _removed_if_refused(out, ctx):
@@ -69,42 +70,39 @@ def _train(cfg: Config, ctx: Context, resume: bool, progress: bool) -> dict[str,
         optimization = build_optimization(model.optimizer_groups(), cfg.solver,
                                           linear_lr_scale(cfg.data.batch_size, cfg.solver.reference_batch_size))
         distributed.share_from_main(ctx, lambda: check_free_space(out, 2 * checkpoint_bytes(model, optimization)))
-        ckpt = _resume(cfg, ctx, out, model, optimization) if resume else None
+        # Rank 0 reads the checkpoint and hands it to the others: other nodes need not see output_dir. Its state is
+        # restored by CheckpointHook before the first step, once the data loader has drawn its seed.
+        ckpt = distributed.share_from_main(ctx, lambda: load_resume_checkpoint(out / CHECKPOINT, cfg)) if resume \
+            else None
     start = ckpt["iteration"] if ckpt is not None else 0
+    bar = tqdm(total=cfg.solver.max_iter, initial=start, desc="train", disable=not (progress and ctx.is_main),
+               dynamic_ncols=True)
+    storage = _storage(cfg, out, start if resume else None, bar) if ctx.is_main else None
     if ctx.is_main:
-        _start_records(cfg, out, resume, start)
+        save_config(cfg, out / "config.yaml")
         print(training_summary(cfg, ctx, train_set, val_set, model, start), flush=True)
     stepper = Stepper(_parallel(model, cfg, ctx, start), optimization, ctx, cfg.solver)
-    if ckpt is not None and "scaler" in ckpt and stepper.scaler.is_enabled():
-        stepper.scaler.load_state_dict(ckpt["scaler"])
     batches = _train_batches(cfg, ctx, train_set, start)
-    if ckpt is not None:  # after the loader is made, which draws a seed from torch's generator
-        restore_rng_state(ckpt["rng"], ctx)
-    # TensorBoard drops what the interrupted run logged after the checkpoint, as metrics.jsonl does: the checkpoint's
-    # own iteration stays (its evaluation ran before it was saved) unless the run had finished and repeats it.
-    purge = (start if start >= cfg.solver.max_iter else start + 1) if resume else None
-    log = MetricsLog(out, purge_step=purge) if ctx.is_main else None
     checkpointer = Checkpointer(out, model, optimization, stepper.scaler, cfg, ctx, dataset_categories(train_set))
     evaluate_val = functools.partial(evaluate, model, val_set, cfg, ctx.device, progress=progress, ctx=ctx)
     evaluate_teacher = functools.partial(evaluate_val, teacher=True) if model.has_teacher and cfg.lgd.eval_teacher \
         else None
-    validation = PeriodicEval(evaluate_val, log, cfg.eval_period, evaluate_teacher)
-    hooks = [ModelSchedule(), NanPolicy(cfg.solver.nan_policy, checkpointer, log),
-             MetricsWriter(log, cfg.log_period, [DegenerateLossMonitor(cfg.model.arch), DivergenceMonitor()]),
-             validation,
-             StopOnSignal(checkpointer), PeriodicCheckpoint(checkpointer, cfg.checkpoint_period),
-             CheckpointOnDataError(checkpointer)]
-    trainer = Trainer(model, stepper, batches, ctx, start, cfg.solver.max_iter, hooks, progress)
-    try:
-        trainer.run()
-        checkpointer.save_final(cfg.solver.max_iter)
-        result = validation.run(cfg.solver.max_iter, trainer.say, "eval (val)", out / "detections_val.json")
-    finally:
-        stop_workers(batches)
-        trainer.bar.close()
-        if log is not None:
-            log.close()
-    return _report(ctx, out, result)
+    evaluation = EvalHook(evaluate_val, storage, cfg.eval_period, out / "detections_val.json", evaluate_teacher)
+    hooks = build_hooks(cfg, checkpointer, storage, evaluation, ckpt) + list(extra_hooks)
+    Trainer(model, stepper, batches, ctx, start, cfg.solver.max_iter, hooks, bar).train()
+    return _report(ctx, out, evaluation.final)
+
+
+def _storage(cfg: Config, out: Path, resumed_at: Optional[int], bar: tqdm) -> EventStorage:
+    """Rank 0's records: metrics.jsonl, TensorBoard and the console; a resumed run's files go on after the
+    checkpoint's iteration ``resumed_at``."""
+    finished = resumed_at is not None and resumed_at >= cfg.solver.max_iter
+    # TensorBoard drops what the interrupted run logged after the checkpoint, as metrics.jsonl does: the checkpoint's
+    # own iteration stays (its evaluation ran before it was saved) unless the run had finished and repeats it.
+    purge = None if resumed_at is None else resumed_at if finished else resumed_at + 1
+    return EventStorage([JSONWriter(out / "metrics.jsonl", resumed_at, finished),
+                         TensorboardWriter(out / "tensorboard", purge),
+                         ConsoleWriter(bar, 5 * cfg.log_period, cfg.solver.max_iter)])
 
 
 def _check_runtime(cfg: Config, ctx: Context) -> None:
@@ -147,24 +145,6 @@ def _prepare(cfg: Config, ctx: Context, out: Path, resume: bool,
     if shared:
         warnings.warn(shared, stacklevel=2)
     return train_set, val_set
-
-
-def _resume(cfg: Config, ctx: Context, out: Path, model: Trainable, optimization: Optimization) -> dict[str, Any]:
-    """``last.pth``'s model and optimization state loaded; returns the checkpoint (iteration, RNG, scaler)."""
-    # Rank 0 reads the checkpoint and hands it to the others: other nodes need not see output_dir.
-    ckpt = distributed.share_from_main(ctx, lambda: load_resume_checkpoint(out / CHECKPOINT, cfg))
-    model.load_state_dict(ckpt["model"])
-    optimization.load_state_dict(ckpt["optimisation"])
-    return ckpt
-
-
-def _start_records(cfg: Config, out: Path, resume: bool, start: int) -> None:
-    """metrics.jsonl continued after iteration ``start`` on resume, else begun afresh; config.yaml written."""
-    if resume:
-        truncate_metrics(out / "metrics.jsonl", start, final=start >= cfg.solver.max_iter)
-    else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    save_config(cfg, out / "config.yaml")
 
 
 def _parallel(model: Trainable, cfg: Config, ctx: Context, start: int) -> nn.Module:

@@ -1,0 +1,2 @@
+"""Helpers under every part: atomic file writes, strict JSON and weights-only torch files, the processes of a
+torchrun launch, the device and seeds of a process, and lazy package faces."""
