@@ -172,7 +172,7 @@ def test_nan_policy_skip_leaves_the_model_alone_and_logs_the_step(tiny_config, m
     before, after = load_checkpoint(run / "model_0000001.pth"), load_checkpoint(run / "model_0000002.pth")
     for k, v in before["model"].items():  # parameters and BatchNorm running statistics alike
         assert torch.equal(v, after["model"][k]), k
-    assert after["optimisation"]["schedulers"][0]["last_epoch"] == 2  # the schedule still moved on
+    assert after["optimization"]["schedulers"][0]["last_epoch"] == 2  # the schedule still moved on
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["iter"], r.get("split")) for r in records] == [
         ("train", 1, None), ("skip", 2, None), ("eval", 2, "val"), ("eval", 2, "val_teacher")]

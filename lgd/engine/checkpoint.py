@@ -149,7 +149,7 @@ class Checkpointer:
     def save(self, it: int) -> Path:
         """``model_<it>.pth``, linked as ``last.pth`` (``save_checkpoint``); returns its path."""
         rngs = distributed.all_gather_list(self.ctx, rng_state())
-        state = {"model": self.model.state_dict(), "optimisation": self.optimization.state_dict(), "iteration": it,
+        state = {"model": self.model.state_dict(), "optimization": self.optimization.state_dict(), "iteration": it,
                  "rng": rngs, "config": to_dict(self.cfg), "categories": self.categories}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
@@ -161,7 +161,8 @@ class Checkpointer:
         optimization's and the gradient scaler's state, and this rank's RNG state. Called once the data loader has
         drawn its seed from torch's generator, so that every random stream goes on as in the interrupted run."""
         self.model.load_state_dict(ckpt["model"])
-        self.optimization.load_state_dict(ckpt["optimisation"])
+        # "optimisation" is the key as checkpoints written before 2026-12-03 spell it: they still resume
+        self.optimization.load_state_dict(ckpt["optimization"] if "optimization" in ckpt else ckpt["optimisation"])
         if "scaler" in ckpt and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
         restore_rng_state(ckpt["rng"], self.ctx)
@@ -169,7 +170,7 @@ class Checkpointer:
     def save_debug(self, it: int, losses_per_rank: list[dict[str, float]], image_ids: list[Any]) -> Path:
         """The state before the failed step (no parameter changed), with every rank's loss values."""
         path = self.out / f"nan_debug_{it:07d}.pth"
-        state = {"model": self.model.state_dict(), "optimisation": self.optimization.state_dict(), "iteration": it,
+        state = {"model": self.model.state_dict(), "optimization": self.optimization.state_dict(), "iteration": it,
                  "losses_per_rank": losses_per_rank, "image_ids": image_ids, "config": to_dict(self.cfg)}
         distributed.share_from_main(self.ctx, lambda: atomic_save(state, path))
         return path
