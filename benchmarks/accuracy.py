@@ -349,7 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
             order += 1
 
     def follow_up(done: dict) -> list[Job]:
-        """Equal-time baselines of an architecture once all its equal-iteration pairs are in."""
+        """Equal-time baselines of an architecture once its factor is known: with a given or measured step ratio,
+        as soon as the first seed's baseline is in (its overrides are the recipe to stretch), so that a free lane
+        need not wait for the LGD runs; otherwise once all its equal-iteration pairs are in."""
         if args.no_equal_time:
             return []
         new = []
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict:
             if (arch, "eqtime", args.seeds[0]) in queued:
                 continue
             pairs = [(done.get((arch, "baseline", s)), done.get((arch, "lgd", s))) for s in args.seeds]
-            if not all(b and lg for b, lg in pairs):
+            if not (pairs[0][0] if arch in given_ratio else all(b and lg for b, lg in pairs)):
                 continue
             ratio = given_ratio.get(arch) or statistics.median(
                 lg["seconds_per_iter"] / b["seconds_per_iter"] for b, lg in pairs)
