@@ -25,7 +25,10 @@ is not started (the report lists it as not run); the equal-iteration pairs alway
 ``--regime pretrained`` (issue 13) trains every run from a ResNet-18 body pretrained by ``pretrain_backbone.py`` on the
 target of ``regime_data.py`` (shapes on photographs), with ``configs/regime_<arch>_lgd.yaml``. Backbone and dataset
 are made once and cached ($LGD_CACHE/regime or ~/.cache/lgd/regime); the report gives the pretraining's cost once,
-and whether this invocation paid it or found the file cached.
+and whether this invocation paid it or found the file cached. The cached body's name comes from its recipe, and
+another CPU pretrains other bytes from the same recipe: every run folder is stamped with its body's SHA-256
+(``backbone_weights.sha256``, and ``backbone_weights_sha256`` in result.json), and a folder begun from another
+body is refused rather than resumed or paired.
 
 ``--method lgd fgfi`` (issue 25) adds FGFI runs (``distill.method=fgfi``) at the same iterations and seeds, with the
 teacher ``--fgfi-teacher FILE`` or, by default, one teacher per architecture trained first: the same detector as a
@@ -87,6 +90,7 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     cfg = load_config(config, AS_RECORDED + overrides)
     done = Path(cfg.output_dir) / "result.json"
     metrics_file = Path(cfg.output_dir) / "metrics.jsonl"
+    body = same_body(cfg)
     if done.is_file() and json.loads(done.read_text()).get("overrides") == overrides:
         teacher_curve = _val_curve(read_metrics(metrics_file), "val_teacher")
         return {**json.loads(done.read_text()), "teacher_val_curve": teacher_curve}
@@ -102,12 +106,50 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     run = {"overrides": overrides, "max_iter": cfg.solver.max_iter, "test": result.metrics,
            "val_final": out["metrics"], "seconds_per_iter": statistics.median(step_times[1:] or step_times),
            "val_curve": _val_curve(records, "val"), "teacher_val_curve": _val_curve(records, "val_teacher"),
-           "device": str(device), "train_cpu_s": train_cpu_s}
+           "device": str(device), "train_cpu_s": train_cpu_s, "backbone_weights_sha256": body}
     if teacher:
         run["teacher_test"] = evaluate(model, test, cfg, device, teacher=True, progress=False, split="test").metrics
     run["wall_s"] = time.perf_counter() - started
     atomic_write_text(Path(cfg.output_dir) / "result.json", to_json(run, indent=1))
     return run
+
+
+BODY_STAMP = "backbone_weights.sha256"
+
+
+def same_body(cfg) -> str | None:
+    """The SHA-256 of the run's local ``model.backbone_weights`` file (None without one), stamped in its folder.
+
+    The regime's body is cached under a name made from its recipe, but pretraining gives other bytes on another
+    CPU (BENCHMARKS.md: two machines of one kind, two bodies), so a run folder begun with one body and resumed,
+    or reused as finished, beside a re-made cache would pair runs of different bodies without a word. The first
+    call stamps the folder; a later call with another body, or on a finished or resumable run that predates the
+    stamp, raises.
+
+    Raises:
+        RuntimeError: the folder's runs began from another body (the message names both digests).
+    """
+    from lgd.utils.atomic import atomic_write_text
+    from lgd.utils.files import file_digest
+
+    weights = cfg.model.backbone_weights
+    body = file_digest(Path(weights)) if weights and Path(weights).is_file() else None
+    out = Path(cfg.output_dir)
+    stamp = out / BODY_STAMP
+    if stamp.is_file():
+        began = stamp.read_text().strip() or None
+    elif body and ((out / "result.json").is_file() or (out / "last.pth").is_file()):
+        began = "no digest (the run predates the stamp)"
+    else:
+        if body:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(stamp, body + "\n")
+        return body
+    if began != body:
+        raise RuntimeError(f"{out}: this run began from backbone weights {began}, but {weights} now has SHA-256 "
+                           f"{body}; results of two bodies would be paired (pretraining on another CPU gives "
+                           f"other bytes): give another --out, or move this run folder away")
+    return body
 
 
 def _val_curve(records: list[dict], split: str) -> list[tuple[int, float]]:

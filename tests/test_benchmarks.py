@@ -223,6 +223,20 @@ def test_accuracy_benchmark_pretrained_regime_quick(tmp_path, monkeypatch):
     stem = next(v for k, v in final.items() if k.endswith("backbone.body.conv1.weight"))
     assert torch.equal(stem, pretrained["conv1.weight"])
     assert "Pretrained regime:" in (tmp_path / "accuracy_fcos.md").read_text()
+    # Each run records the body it began from; a folder begun from other bytes is refused, not paired.
+    accuracy = _load("accuracy")
+    run = tmp_path / "runs" / "fcos" / "lgd_s0"
+    assert lgd["backbone_weights_sha256"] == regime["sha256"] == (run / accuracy.BODY_STAMP).read_text().strip()
+    from lgd.config import load_config
+
+    cfg = load_config(run / "config.yaml")
+    assert accuracy.same_body(cfg) == regime["sha256"]
+    (run / accuracy.BODY_STAMP).write_text("0" * 64 + "\n")  # as if the cache had been re-made on another CPU
+    with pytest.raises(RuntimeError, match="began from backbone weights 0000.*give another --out"):
+        accuracy.same_body(cfg)
+    (run / accuracy.BODY_STAMP).unlink()  # a finished run from before the stamp
+    with pytest.raises(RuntimeError, match="predates the stamp"):
+        accuracy.same_body(cfg)
     again, overrides = _load("accuracy").prepare_pretrained_regime(quick=True)  # what a second invocation does first
     assert again["pretraining_paid_here"] is False and again["sha256"] == regime["sha256"]
     assert set(overrides) <= set(lgd["overrides"])
