@@ -9,7 +9,9 @@ The task is 16-way classification of synthetic crops (regime_data.PRETRAIN_CLASS
 backgrounds, 6 texture families), a domain that shares no class, fill or background with the detection target
 (regime_data.py). Every batch is drawn fresh from a stream keyed by (seed, step), so no image is seen twice and an
 interrupted run resumes exactly from its partial checkpoint (written every ``CHECKPOINT_EVERY`` steps). One thread,
-CPU, ``torch.manual_seed(recipe.seed)``: the same recipe gives the same bytes on the same torch build.
+CPU, ``torch.manual_seed(recipe.seed)``: the same recipe gives the same bytes on the same torch build and CPU; on
+another CPU the kernels round differently and the bytes differ (three 2-core AMD EPYC VMs gave three bodies,
+BENCHMARKS.md), which is why accuracy.py stamps every run folder with its body's SHA-256.
 
 What is written, in the cache folder, named by the recipe's digest (``resnet18-pretrain-<digest>``):
 - ``.pth``: a plain state dict of tensors (``torch.load(path, weights_only=True)`` opens it): every tensor of
