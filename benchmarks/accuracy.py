@@ -46,6 +46,7 @@ import json
 import math
 import multiprocessing
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -646,31 +647,48 @@ def _run_jobs(configs: dict, jobs: list[Job], parallel: int, follow_up,
     results: dict = {}
     skipped: list = []
     failed: dict = {}
-    with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        while pending or running:
-            while pending and len(running) < parallel:
-                job = pending.pop(0)
-                # The equal-iteration pairs always run (the schedule was sized for them): half a pair is worthless.
-                late = time.perf_counter() + job.iters * job.seconds_per_iter * 1.1 > deadline
-                if job.priority != MAIN and late:
-                    skipped.append(job.key)
-                    continue
-                running[pool.submit(run_one, configs[job.key[0]], job.overrides, job.teacher)] = job
-            if not running:
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job = running.pop(future)
-                try:
-                    results[job.key] = future.result()
-                except Exception as error:  # noqa: BLE001 - one failed run must not lose the others' results
-                    failed[job.key] = f"{type(error).__name__}: {error}"
-                    print(f"FAILED {job.key}: {failed[job.key]}", flush=True)
-                    continue
-                print(f"done {job.key}: test AP {results[job.key]['test']['bbox/AP']:.2f} "
-                      f"({results[job.key]['wall_s']:.0f} s)", flush=True)
-            pending = sorted(pending + follow_up(results))
+    previous = signal.signal(signal.SIGTERM, stop_workers)
+    try:
+        with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+            while pending or running:
+                while pending and len(running) < parallel:
+                    job = pending.pop(0)
+                    # The equal-iteration pairs always run (the schedule was sized for them): half a pair is worthless.
+                    late = time.perf_counter() + job.iters * job.seconds_per_iter * 1.1 > deadline
+                    if job.priority != MAIN and late:
+                        skipped.append(job.key)
+                        continue
+                    running[pool.submit(run_one, configs[job.key[0]], job.overrides, job.teacher)] = job
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    try:
+                        results[job.key] = future.result()
+                    except Exception as error:  # noqa: BLE001 - one failed run must not lose the others' results
+                        failed[job.key] = f"{type(error).__name__}: {error}"
+                        print(f"FAILED {job.key}: {failed[job.key]}", flush=True)
+                        continue
+                    print(f"done {job.key}: test AP {results[job.key]['test']['bbox/AP']:.2f} "
+                          f"({results[job.key]['wall_s']:.0f} s)", flush=True)
+                pending = sorted(pending + follow_up(results))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return results, skipped, failed
+
+
+def stop_workers(signum: int, frame=None) -> None:
+    """SIGTERM to the benchmark stops its runs too, then exits with 128 + signum.
+
+    The pool's workers are processes of their own: were the parent killed alone, they would train on as orphans,
+    and a restarted benchmark would resume the same run folders beside them (two writers of one metrics.jsonl and
+    last.pth). Each worker is sent SIGTERM, on which its run checkpoints and stops (lgd's signal handling), so the
+    restart continues from there.
+    """
+    for child in multiprocessing.active_children():
+        child.terminate()
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

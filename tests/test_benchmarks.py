@@ -309,3 +309,22 @@ def test_accuracy_benchmark_takes_or_measures_the_equal_time_factor(tmp_path, mo
     _load("accuracy").main(common + ["--no-equal-time", "--measure-step-ratio", "1"])
     measured = json.loads((tmp_path / "step_ratio_retinanet.json").read_text())
     assert len(measured["rounds_s_per_iter"]) == 1 and measured["ratio"] > 0
+
+
+def _sleep_until_terminated() -> None:
+    import time
+
+    time.sleep(60)
+
+
+def test_sigterm_to_the_accuracy_benchmark_stops_its_runs_too():
+    """Killed alone, the benchmark would leave its pool's workers training on as orphans."""
+    import multiprocessing
+
+    worker = multiprocessing.get_context("spawn").Process(target=_sleep_until_terminated)
+    worker.start()
+    with pytest.raises(SystemExit) as stopped:
+        _load("accuracy").stop_workers(15)
+    worker.join(timeout=20)
+    assert stopped.value.code == 143
+    assert not worker.is_alive() and worker.exitcode == -15
