@@ -135,6 +135,16 @@ def test_the_first_signal_asks_to_stop_and_a_second_interrupts():
     assert TrainingInterrupted(signal.SIGINT, 3, Path("x")).exit_code == 130
 
 
+
+def test_an_interruption_crosses_a_process_pool_intact():
+    """A run stopped in benchmarks/accuracy.py's process pool comes back to the parent pickled; were it not to
+    unpickle, the pool would break and kill its other runs before their checkpoints."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(TrainingInterrupted(signal.SIGTERM, 70, Path("out/model_0000070.pth"))))
+    assert isinstance(back, TrainingInterrupted) and back.exit_code == 143 and back.is_main
+    assert "iteration 70" in str(back) and "model_0000070.pth" in str(back)
+
 def _poison(monkeypatch, iteration: int) -> None:
     real = LGD.forward
 

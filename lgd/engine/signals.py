@@ -22,6 +22,13 @@ class TrainingInterrupted(Exception):
                          "continue with the same command and --resume")
         self.exit_code = 128 + signum
         self.is_main = is_main  # every torchrun process stops alike; rank 0 alone need say so
+        self._args = (signum, iteration, checkpoint, is_main)
+
+    def __reduce__(self) -> tuple:
+        # A run stopped inside a process pool (benchmarks/accuracy.py) returns this to its parent pickled; the
+        # default reduction re-calls __init__ with the message alone, which fails there and breaks the pool, whose
+        # other runs are then killed before their checkpoints.
+        return type(self), self._args
 
 
 class StopSignals:
