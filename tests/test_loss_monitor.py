@@ -1,3 +1,4 @@
+from lgd.engine.hooks import frozen_body_iters
 from lgd.engine.loss_monitor import DegenerateLossMonitor, DivergenceMonitor
 from lgd.engine.training import train
 
@@ -35,6 +36,10 @@ def test_the_divergence_monitor_warns_once_above_three_times_the_early_loss():
     assert messages[0].startswith("iteration 5: the loss is diverging: 3.667 (mean of the last 3 records) is more "
                                   "than 3x its early level 1 (mean of the first 3)")
     assert "lower solver.base_lr" in messages[0] and "solver.reference_batch_size" in messages[0]
+    assert "freeze_backbone_iters" not in messages[0]  # no body freeze, no advice about it
+    frozen = DivergenceMonitor(frozen_body_iters=167)
+    advice = [m for it, loss in enumerate([1.0, 1.0, 1.0, 5.0, 5.0, 5.0]) for m in frozen.update(it, {"a": loss})]
+    assert len(advice) == 1 and "first 167 iterations" in advice[0] and "lgd.freeze_backbone_iters=0" in advice[0]
     distillation_only = DivergenceMonitor()  # the teacher's terms and the distillation loss are not the student's
     assert not [m for it in range(9) for m in distillation_only.update(it, {"a": 1.0, "loss_distill": 10.0 ** it})]
 
@@ -47,3 +52,8 @@ def test_a_recipe_made_to_diverge_is_reported_in_the_log(tiny_config, capsys):
     out = capsys.readouterr().out
     assert "lgd: warning: iteration" in out and "the loss is diverging" in out
     assert "more than 3x its early level" in out and "What to try: a lower solver.base_lr" in out
+
+
+def test_only_an_lgd_run_with_a_body_freeze_gets_the_freeze_advice(tiny_config):
+    assert frozen_body_iters(tiny_config("lgd.freeze_backbone_iters=5")) == 5
+    assert frozen_body_iters(tiny_config("lgd.freeze_backbone_iters=5", "lgd.enabled=false")) == 0

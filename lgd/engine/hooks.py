@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from lgd.config import Config
+from lgd.config import Config, distill_method
 from lgd.engine.checkpoint import Checkpointer
 from lgd.engine.events import EventStorage
 from lgd.engine.loss_monitor import DegenerateLossMonitor, DivergenceMonitor
@@ -226,11 +226,16 @@ class CheckpointOnDataError(Hook):
                            f"file and continue with the same command and --resume") from None
 
 
+def frozen_body_iters(cfg: Config) -> int:
+    """The iterations an LGD run keeps the backbone body frozen (``lgd.freeze_backbone_iters``); 0 for other methods."""
+    return cfg.lgd.freeze_backbone_iters if distill_method(cfg) == "lgd" else 0
+
+
 def build_hooks(cfg: Config, checkpointer: Checkpointer, storage: Optional[EventStorage], evaluation: EvalHook,
                 resume: Optional[dict[str, Any]] = None) -> list[Hook]:
     """A training run's hooks, in their order (see the module's docstring); ``resume``: the checkpoint the run
     continues (``last.pth`` as read). A caller adds its own after them (``train(..., extra_hooks=...)``)."""
     return [ModelSchedule(), NanPolicy(cfg.solver.nan_policy, checkpointer, storage), LRScheduler(),
-            MetricsWriter(storage, cfg.log_period, [DegenerateLossMonitor(cfg.model.arch), DivergenceMonitor()]),
+            MetricsWriter(storage, cfg.log_period, [DegenerateLossMonitor(cfg.model.arch), DivergenceMonitor(frozen_body_iters=frozen_body_iters(cfg))]),
             evaluation, StopOnSignal(checkpointer), CheckpointHook(checkpointer, cfg.checkpoint_period, resume),
             CheckpointOnDataError(checkpointer)]

@@ -74,10 +74,14 @@ class DivergenceMonitor:
     Args:
         window: records averaged at the start and at the end (log records, not iterations).
         factor: how many times the early mean the recent mean must exceed.
+        frozen_body_iters: ``lgd.freeze_backbone_iters`` of an LGD run (0 otherwise); when set, the advice names
+            it too: the only Faster R-CNN runs seen to diverge did so while LGD kept the body frozen in the
+            warm-up, and trained stably with the freeze off (BENCHMARKS.md, "What makes Faster R-CNN LGD diverge").
     """
 
     window: int = 3
     factor: float = 3.0
+    frozen_body_iters: int = 0
     _early: list[float] = field(default_factory=list)
     _recent: deque = field(default_factory=deque)
     _warned: bool = False
@@ -101,4 +105,10 @@ class DivergenceMonitor:
                 f"records) is more than {self.factor:g}x its early level {early:.4g} (mean of the first "
                 f"{self.window}). What to try: a lower solver.base_lr (e.g. a half or a quarter; with a batch "
                 f"other than the recipe's, set solver.reference_batch_size so the rate follows the batch), a "
-                f"longer solver.warmup_iters."]
+                f"longer solver.warmup_iters{self._freeze_advice()}."]
+
+    def _freeze_advice(self) -> str:
+        if not self.frozen_body_iters:
+            return ""
+        return (f", or, since LGD freezes the backbone body for the first {self.frozen_body_iters} iterations "
+                f"(which the baseline does not), lgd.freeze_backbone_iters=0")
