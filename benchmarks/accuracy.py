@@ -380,9 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 kind == "lgd", chosen[arch], calibration.get(arch, {}).get(kind, 0.0)))
                 order += 1
     if "fgfi" in args.method:
-        extra_jobs = fgfi_jobs(args, configs, spec, sched, chosen, report, order)
-        jobs += extra_jobs
-        order += len(extra_jobs)
+        jobs += fgfi_teacher_jobs(args, configs, spec, sched, chosen, order=0)
     first = args.arch[0]
     for name, extra in ablations:
         for seed in ablation_seeds:
@@ -392,12 +390,19 @@ def main(argv: list[str] | None = None) -> dict:
             order += 1
 
     def follow_up(done: dict) -> list[Job]:
-        """Equal-time baselines of an architecture once its factor is known: with a given or measured step ratio,
+        """The jobs that wait on results: an architecture's FGFI runs once its teacher is trained (at once with
+        ``--fgfi-teacher``); its equal-time baselines once its factor is known: with a given or measured step ratio,
         as soon as the first seed's baseline is in (its overrides are the recipe to stretch), so that a free lane
         need not wait for the LGD runs; otherwise once all its equal-iteration pairs are in."""
-        if args.no_equal_time:
-            return []
         new = []
+        for arch in args.arch if "fgfi" in args.method else []:
+            teacher = fgfi_teacher_record(args, arch, done)
+            if teacher is not None and (arch, "fgfi", args.seeds[0]) not in queued:
+                report.setdefault("fgfi_teachers", {})[arch] = teacher
+                new += fgfi_jobs(args, spec, sched, chosen, arch, teacher, order=order + len(queued))
+                queued.update((arch, "fgfi", s) for s in args.seeds)
+        if args.no_equal_time:
+            return new
         for arch in args.arch:
             if (arch, "eqtime", args.seeds[0]) in queued:
                 continue
@@ -422,7 +427,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     queued: set = set()
     deadline = began + args.budget if args.budget else math.inf
+    jobs += follow_up({})  # FGFI runs with a given --fgfi-teacher need not wait for anything
     results, skipped, failed = _run_jobs(configs, jobs, args.parallel, follow_up, deadline)
+    for arch in args.arch if "fgfi" in args.method else []:
+        if arch not in report.get("fgfi_teachers", {}):
+            report.setdefault("fgfi_teachers_failed", {})[arch] = failed.get((arch, "fgfi_teacher", 0), "not run")
     report["not_run"] = [list(k) for k in skipped]
     report["failed"] = {" ".join(map(str, k)): v for k, v in failed.items()}
 
@@ -456,7 +465,7 @@ def main(argv: list[str] | None = None) -> dict:
             entry["methods"] = methods_summary([results[(arch, "baseline", s)] for s in fgfi_seeds],
                                                [results[(arch, "lgd", s)] for s in fgfi_seeds],
                                                [results[(arch, "fgfi", s)] for s in fgfi_seeds],
-                                               report["fgfi_teachers"].get(arch, {}))
+                                               report.get("fgfi_teachers", {}).get(arch, {}))
             md.append(methods_table(f"{arch}: baseline, LGD, FGFI at equal iterations ({chosen[arch]} each), seeds "
                                     f"{fgfi_seeds}, test split", entry["methods"]))
         rows = [row for n, e in (ablations if arch == first else []) for row in variant_rows(n, f"ablation:{n}", e)]
@@ -492,37 +501,44 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def fgfi_jobs(args, configs: dict, spec, sched: dict, chosen: dict, report: dict, order: int) -> list[Job]:
-    """The FGFI runs of every architecture and seed, after training their teachers (unless ``--fgfi-teacher``);
-    records each teacher (file, test AP, training CPU seconds) in ``report["fgfi_teachers"]``."""
+def fgfi_teacher_jobs(args, configs: dict, spec, sched: dict, chosen: dict, order: int) -> list[Job]:
+    """The runs that train FGFI's teachers (none with ``--fgfi-teacher``): per architecture, the baseline recipe
+    ``--teacher-factor`` times as long (schedule stretched, seed 0). They go first in the queue, as the longest runs
+    on which the FGFI runs wait, and share the pool with the pairs, so that no lane idles while a teacher trains."""
     from lgd.config import load_config
 
-    teachers: dict = {}
     if args.fgfi_teacher:
-        teachers = {a: {"file": args.fgfi_teacher, "train_cpu_s": None} for a in args.arch}
-    else:
-        factor = args.teacher_factor
-        runs = []
-        for arch in args.arch:
-            base = spec(arch, 0, f"fgfi_teacher_x{factor:g}", ["distill.method=none"] + sched[arch])
-            runs.append(Job(MAIN, len(runs), (arch, "fgfi_teacher", 0),
-                            stretched(base, load_config(configs[arch], AS_RECORDED + base), factor), False,
-                            round(chosen[arch] * factor)))
-        done, _, failed = _run_jobs(configs, runs, args.parallel, lambda results: [], math.inf)
-        for job in runs:
-            arch = job.key[0]
-            if job.key in done:
-                run = done[job.key]
-                teachers[arch] = {"file": str(Path(run_dir(job.overrides)) / "model_final.pth"), "factor": factor,
-                                  "iters": run["max_iter"], "test": run["test"], "train_cpu_s": run["train_cpu_s"]}
-            else:
-                report.setdefault("fgfi_teachers_failed", {})[arch] = failed.get(job.key, "not run")
-    report["fgfi_teachers"] = teachers
+        return []
+    factor = args.teacher_factor
+    jobs = []
+    for i, arch in enumerate(args.arch):
+        base = spec(arch, 0, f"fgfi_teacher_x{factor:g}", ["distill.method=none"] + sched[arch])
+        jobs.append(Job(MAIN, order - len(args.arch) + i, (arch, "fgfi_teacher", 0),
+                        stretched(base, load_config(configs[arch], AS_RECORDED + base), factor), False,
+                        round(chosen[arch] * factor)))
+    return jobs
+
+
+def fgfi_teacher_record(args, arch: str, done: dict) -> dict | None:
+    """FGFI's teacher of ``arch`` as the report gives it (file, test AP, training CPU seconds), or None while its
+    training run is not finished."""
+    if args.fgfi_teacher:
+        return {"file": args.fgfi_teacher, "train_cpu_s": None}
+    run = done.get((arch, "fgfi_teacher", 0))
+    if run is None:
+        return None
+    return {"file": str(Path(run_dir(run["overrides"])) / "model_final.pth"), "factor": args.teacher_factor,
+            "iters": run["max_iter"], "test": run["test"], "train_cpu_s": run["train_cpu_s"]}
+
+
+def fgfi_jobs(args, spec, sched: dict, chosen: dict, arch: str, teacher: dict, order: int) -> list[Job]:
+    """The FGFI runs (``distill.method=fgfi``) of ``arch``, one per seed, distilling ``teacher["file"]``."""
     extra = ["fgfi.warmup_iters=1"] if args.quick else []
     return [Job(MAIN, order + i, (arch, "fgfi", seed),
-                spec(arch, seed, "fgfi", sched[arch] + extra
-                     + ["distill.method=fgfi", f"fgfi.teacher={teachers[arch]['file']}"]), False, chosen[arch])
-            for i, (arch, seed) in enumerate((a, s) for a in args.arch if a in teachers for s in args.seeds)]
+                spec(arch, seed, "fgfi",
+                     sched[arch] + extra + ["distill.method=fgfi", f"fgfi.teacher={teacher['file']}"]),
+                False, chosen[arch])
+            for i, seed in enumerate(args.seeds)]
 
 
 def run_dir(overrides: list[str]) -> str:

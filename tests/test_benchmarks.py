@@ -328,3 +328,19 @@ def test_sigterm_to_the_accuracy_benchmark_stops_its_runs_too():
     worker.join(timeout=20)
     assert stopped.value.code == 143
     assert not worker.is_alive() and worker.exitcode == -15
+
+
+def test_accuracy_benchmark_fgfi_trains_its_teacher_beside_the_pairs(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGD_CACHE", str(tmp_path / "cache"))
+    report = _load("accuracy").main(["--quick", "--seeds", "0", "--parallel", "2", "--no-equal-time", "--out",
+                                     str(tmp_path), "--method", "lgd", "fgfi", "--teacher-factor", "2"])
+    teacher = report["fgfi_teachers"]["retinanet"]
+    assert teacher["iters"] == 8 and teacher["train_cpu_s"] > 0 and Path(teacher["file"]).is_file()
+    methods = report["archs"]["retinanet"]["methods"]
+    fgfi_run = json.loads((tmp_path / "runs" / "retinanet" / "fgfi_s0" / "result.json").read_text())
+    assert f"fgfi.teacher={teacher['file']}" in fgfi_run["overrides"] and "distill.method=fgfi" in fgfi_run["overrides"]
+    assert methods["fgfi"]["extra_cpu_s"] == pytest.approx(
+        teacher["train_cpu_s"] + fgfi_run["train_cpu_s"] - methods["baseline"]["train_cpu_s"]["mean"])
+    assert methods["lgd_over_fgfi_extra_cost"] == pytest.approx(methods["lgd"]["extra_cpu_s"]
+                                                                / methods["fgfi"]["extra_cpu_s"])
+    assert "FGFI" in (tmp_path / "accuracy_retinanet.md").read_text()

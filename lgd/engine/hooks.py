@@ -236,6 +236,7 @@ def build_hooks(cfg: Config, checkpointer: Checkpointer, storage: Optional[Event
     """A training run's hooks, in their order (see the module's docstring); ``resume``: the checkpoint the run
     continues (``last.pth`` as read). A caller adds its own after them (``train(..., extra_hooks=...)``)."""
     return [ModelSchedule(), NanPolicy(cfg.solver.nan_policy, checkpointer, storage), LRScheduler(),
-            MetricsWriter(storage, cfg.log_period, [DegenerateLossMonitor(cfg.model.arch), DivergenceMonitor(frozen_body_iters=frozen_body_iters(cfg))]),
+            MetricsWriter(storage, cfg.log_period, [DegenerateLossMonitor(cfg.model.arch),
+                                                    DivergenceMonitor(frozen_body_iters=frozen_body_iters(cfg))]),
             evaluation, StopOnSignal(checkpointer), CheckpointHook(checkpointer, cfg.checkpoint_period, resume),
             CheckpointOnDataError(checkpointer)]
