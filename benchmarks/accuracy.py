@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 kind == "lgd", chosen[arch], calibration.get(arch, {}).get(kind, 0.0)))
                 order += 1
     if "fgfi" in args.method:
-        jobs += fgfi_teacher_jobs(args, configs, spec, sched, chosen, order=0)
+        jobs += fgfi_teacher_jobs(args, configs, spec, sched, chosen)
     first = args.arch[0]
     for name, extra in ablations:
         for seed in ablation_seeds:
@@ -501,10 +501,11 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def fgfi_teacher_jobs(args, configs: dict, spec, sched: dict, chosen: dict, order: int) -> list[Job]:
+def fgfi_teacher_jobs(args, configs: dict, spec, sched: dict, chosen: dict) -> list[Job]:
     """The runs that train FGFI's teachers (none with ``--fgfi-teacher``): per architecture, the baseline recipe
-    ``--teacher-factor`` times as long (schedule stretched, seed 0). They go first in the queue, as the longest runs
-    on which the FGFI runs wait, and share the pool with the pairs, so that no lane idles while a teacher trains."""
+    ``--teacher-factor`` times as long (schedule stretched, seed 0). They go first in the queue (negative order), as
+    the longest runs on which the FGFI runs wait, and share the pool with the pairs, so that no lane idles while a
+    teacher trains."""
     from lgd.config import load_config
 
     if args.fgfi_teacher:
@@ -513,7 +514,7 @@ def fgfi_teacher_jobs(args, configs: dict, spec, sched: dict, chosen: dict, orde
     jobs = []
     for i, arch in enumerate(args.arch):
         base = spec(arch, 0, f"fgfi_teacher_x{factor:g}", ["distill.method=none"] + sched[arch])
-        jobs.append(Job(MAIN, order - len(args.arch) + i, (arch, "fgfi_teacher", 0),
+        jobs.append(Job(MAIN, i - len(args.arch), (arch, "fgfi_teacher", 0),
                         stretched(base, load_config(configs[arch], AS_RECORDED + base), factor), False,
                         round(chosen[arch] * factor)))
     return jobs
