@@ -7,6 +7,8 @@
     python benchmarks/accuracy.py --quick                     # tiny, for the test suite
     python benchmarks/accuracy.py --regime pretrained --arch fcos   # pretrained backbone, photographic target
     python benchmarks/accuracy.py --regime pretrained --arch fcos fasterrcnn --method lgd fgfi --teacher-factor 3
+    python benchmarks/accuracy.py --regime pretrained --arch fasterrcnn --method lgd fgfi --teacher-factor equal-time \
+        --step-ratio fasterrcnn=1.909
 
 For every architecture and seed it trains the baseline (``lgd.enabled=false``) and LGD with the same recipe, seed
 and iteration count, and evaluates both on the **test** split (used for nothing else); for every LGD run it also
@@ -32,7 +34,9 @@ body is refused rather than resumed or paired.
 
 ``--method lgd fgfi`` (issue 25) adds FGFI runs (``distill.method=fgfi``) at the same iterations and seeds, with the
 teacher ``--fgfi-teacher FILE`` or, by default, one teacher per architecture trained first: the same detector as a
-baseline ``--teacher-factor`` times as long (schedule stretched, seed 0), evaluated on test like every run. Every
+baseline ``--teacher-factor`` times as long (schedule stretched, seed 0), evaluated on test like every run; with
+``--teacher-factor equal-time`` the teacher is the first seed's equal-time baseline, the plain detector trained for
+the time an LGD run takes (FGFI then costs its teacher what LGD costs, and no run is trained twice). Every
 run records its training CPU seconds (``train_cpu_s``, ``time.process_time`` of its one-thread process), from which
 the report gives each method's extra cost beyond the student's own (LGD: LGD minus baseline; FGFI: the teacher's
 training plus FGFI minus baseline, means over seeds) and their ratio. ``train_cpu_s`` covers everything ``train``
@@ -67,6 +71,7 @@ CALIBRATION_STEPS = 30
 # recorded.
 AS_RECORDED = ["solver.scale_schedule=false", "solver.reference_batch_size=0"]
 MAIN, EQUAL_TIME, ABLATION = 0, 1, 2
+EQUAL_TIME_TEACHER = "equal-time"  # --teacher-factor: FGFI distils the first seed's equal-time baseline
 
 
 def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
@@ -289,8 +294,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="distillation methods beside the baseline; lgd always runs (the reference)")
     parser.add_argument("--fgfi-teacher", metavar="FILE", help="FGFI's teacher for every --arch (default: trained, "
                         "see --teacher-factor)")
-    parser.add_argument("--teacher-factor", type=float, default=3.0,
-                        help="FGFI's trained teacher: the baseline recipe this many times as long (default 3)")
+    parser.add_argument("--teacher-factor", type=_teacher_factor, default=3.0,
+                        help="FGFI's trained teacher: the baseline recipe this many times as long (default 3), or "
+                             "'equal-time': the first seed's equal-time baseline (the plain detector trained for "
+                             "as long as LGD takes), so no extra run trains the teacher")
     parser.add_argument("--quick", action="store_true", help="tiny runs, for the test suite")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
@@ -299,6 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--config needs a single --arch")
     if "lgd" not in args.method:
         parser.error("--method: lgd is the reference every report compares with; give e.g. --method lgd fgfi")
+    if args.teacher_factor == EQUAL_TIME_TEACHER and (args.no_equal_time or args.fgfi_teacher):
+        parser.error("--teacher-factor equal-time: the teacher is an equal-time baseline; drop --no-equal-time "
+                     "and --fgfi-teacher")
     if args.budget and not args.iters:
         parser.error("--budget needs --iters, the schedule lengths to choose from")
     given_ratio = {}
@@ -391,9 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def follow_up(done: dict) -> list[Job]:
         """The jobs that wait on results: an architecture's FGFI runs once its teacher is trained (at once with
-        ``--fgfi-teacher``); its equal-time baselines once its factor is known: with a given or measured step ratio,
-        as soon as the first seed's baseline is in (its overrides are the recipe to stretch), so that a free lane
-        need not wait for the LGD runs; otherwise once all its equal-iteration pairs are in."""
+        ``--fgfi-teacher``); its equal-time baselines once its factor is known: at once with a given or measured step
+        ratio, so that a free lane need not wait for the pairs; otherwise once all its equal-iteration pairs are
+        in."""
         new = []
         for arch in args.arch if "fgfi" in args.method else []:
             teacher = fgfi_teacher_record(args, arch, done)
@@ -407,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
             if (arch, "eqtime", args.seeds[0]) in queued:
                 continue
             pairs = [(done.get((arch, "baseline", s)), done.get((arch, "lgd", s))) for s in args.seeds]
-            if not (pairs[0][0] if arch in given_ratio else all(b and lg for b, lg in pairs)):
+            if arch not in given_ratio and not all(b and lg for b, lg in pairs):
                 continue
             ratio = given_ratio.get(arch) or statistics.median(
                 lg["seconds_per_iter"] / b["seconds_per_iter"] for b, lg in pairs)
@@ -415,12 +425,16 @@ def main(argv: list[str] | None = None) -> dict:
             report["archs"][arch]["step_time_ratio_source"] = (
                 "given or measured from quiet pairs (--step-ratio / --measure-step-ratio)" if arch in given_ratio
                 else "median over seeds of the equal-iteration runs' own s/iter ratios")
-            base_cfg = load_config(configs[arch], AS_RECORDED + pairs[0][0]["overrides"])
+            recipe = spec(arch, args.seeds[0], "baseline", kinds["baseline"] + sched[arch])
+            base_cfg = load_config(configs[arch], AS_RECORDED + recipe)
             for seed in args.seeds:
                 overrides = stretched(spec(arch, seed, "baseline_eqtime", kinds["baseline"] + sched[arch]),
                                       base_cfg, ratio)
                 iters = round(chosen[arch] * ratio)
-                new.append(Job(EQUAL_TIME, len(queued), (arch, "eqtime", seed), overrides, False, iters,
+                # FGFI's teacher, when it is this run, goes first: the longest run, on which the FGFI runs wait
+                teacher = args.teacher_factor == EQUAL_TIME_TEACHER and seed == args.seeds[0]
+                new.append(Job(MAIN if teacher else EQUAL_TIME, -1 if teacher else len(queued),
+                               (arch, "eqtime", seed), overrides, False, iters,
                                calibration.get(arch, {}).get("baseline", 0.0)))
                 queued.add((arch, "eqtime", seed))
         return new
@@ -508,7 +522,7 @@ def fgfi_teacher_jobs(args, configs: dict, spec, sched: dict, chosen: dict) -> l
     teacher trains."""
     from lgd.config import load_config
 
-    if args.fgfi_teacher:
+    if args.fgfi_teacher or args.teacher_factor == EQUAL_TIME_TEACHER:
         return []
     factor = args.teacher_factor
     jobs = []
@@ -525,11 +539,21 @@ def fgfi_teacher_record(args, arch: str, done: dict) -> dict | None:
     training run is not finished."""
     if args.fgfi_teacher:
         return {"file": args.fgfi_teacher, "train_cpu_s": None}
-    run = done.get((arch, "fgfi_teacher", 0))
+    equal_time = args.teacher_factor == EQUAL_TIME_TEACHER
+    run = done.get((arch, "eqtime", args.seeds[0]) if equal_time else (arch, "fgfi_teacher", 0))
     if run is None:
         return None
     return {"file": str(Path(run_dir(run["overrides"])) / "model_final.pth"), "factor": args.teacher_factor,
             "iters": run["max_iter"], "test": run["test"], "train_cpu_s": run["train_cpu_s"]}
+
+
+def _teacher_factor(text: str) -> float | str:
+    """``--teacher-factor``: a number > 0, or ``equal-time``."""
+    if text == EQUAL_TIME_TEACHER:
+        return text
+    if not _is_positive_number(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0 or {EQUAL_TIME_TEACHER!r}")
+    return float(text)
 
 
 def fgfi_jobs(args, spec, sched: dict, chosen: dict, arch: str, teacher: dict, order: int) -> list[Job]:

@@ -344,3 +344,24 @@ def test_accuracy_benchmark_fgfi_trains_its_teacher_beside_the_pairs(tmp_path, m
     assert methods["lgd_over_fgfi_extra_cost"] == pytest.approx(methods["lgd"]["extra_cpu_s"]
                                                                 / methods["fgfi"]["extra_cpu_s"])
     assert "FGFI" in (tmp_path / "accuracy_retinanet.md").read_text()
+
+
+def test_accuracy_benchmark_fgfi_can_distil_the_equal_time_baseline(tmp_path, monkeypatch):
+    """--teacher-factor equal-time: the first seed's equal-time baseline is FGFI's teacher, trained once."""
+    monkeypatch.setenv("LGD_CACHE", str(tmp_path / "cache"))
+    common = ["--quick", "--seeds", "0", "--parallel", "2", "--out", str(tmp_path), "--method", "lgd", "fgfi",
+              "--teacher-factor", "equal-time"]
+    with pytest.raises(SystemExit):
+        _load("accuracy").main(common + ["--no-equal-time"])
+    with pytest.raises(SystemExit):
+        _load("accuracy").main(common[:-1] + ["0"])
+    report = _load("accuracy").main(common + ["--step-ratio", "retinanet=2"])
+    teacher = report["fgfi_teachers"]["retinanet"]
+    runs = tmp_path / "runs" / "retinanet"
+    assert Path(teacher["file"]) == runs / "baseline_eqtime_s0" / "model_final.pth"
+    assert teacher["iters"] == 8 and teacher["factor"] == "equal-time"
+    assert not any(p.name.startswith("fgfi_teacher") for p in runs.iterdir())
+    eqtime = report["archs"]["retinanet"]["equal_time"]["runs"][0][0]
+    assert teacher["train_cpu_s"] == eqtime["train_cpu_s"]
+    fgfi_run = json.loads((runs / "fgfi_s0" / "result.json").read_text())
+    assert f"fgfi.teacher={teacher['file']}" in fgfi_run["overrides"]
