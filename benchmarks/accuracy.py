@@ -101,7 +101,8 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
         teacher_curve = _val_curve(read_metrics(metrics_file), "val_teacher")
         return {**json.loads(done.read_text()), "teacher_val_curve": teacher_curve}
     cpu_started = time.process_time()
-    out = train(cfg, resume=(Path(cfg.output_dir) / "last.pth").is_file(), progress=False)
+    resumed = (Path(cfg.output_dir) / "last.pth").is_file()
+    out = train(cfg, resume=resumed, progress=False)
     train_cpu_s = time.process_time() - cpu_started  # of a resumed run: only this process's part
     model, test = load_trained(cfg, "test")
     device = resolve_device(cfg.device)
@@ -112,7 +113,7 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     run = {"overrides": overrides, "max_iter": cfg.solver.max_iter, "test": result.metrics,
            "val_final": out["metrics"], "seconds_per_iter": statistics.median(step_times[1:] or step_times),
            "val_curve": _val_curve(records, "val"), "teacher_val_curve": _val_curve(records, "val_teacher"),
-           "device": str(device), "train_cpu_s": train_cpu_s, "backbone_weights_sha256": body}
+           "device": str(device), "train_cpu_s": train_cpu_s, "resumed": resumed, "backbone_weights_sha256": body}
     if teacher:
         run["teacher_test"] = evaluate(model, test, cfg, device, teacher=True, progress=False, split="test").metrics
     run["wall_s"] = time.perf_counter() - started
@@ -298,6 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="FGFI's trained teacher: the baseline recipe this many times as long (default 3), or "
                              "'equal-time': the first seed's equal-time baseline (the plain detector trained for "
                              "as long as LGD takes), so no extra run trains the teacher")
+    parser.add_argument("--fgfi-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="applied to the FGFI runs only (repeatable), e.g. fgfi.warmup_iters=100, so that "
+                             "finished baseline and LGD runs recorded without it are reused")
     parser.add_argument("--quick", action="store_true", help="tiny runs, for the test suite")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
@@ -558,7 +562,7 @@ def _teacher_factor(text: str) -> float | str:
 
 def fgfi_jobs(args, spec, sched: dict, chosen: dict, arch: str, teacher: dict, order: int) -> list[Job]:
     """The FGFI runs (``distill.method=fgfi``) of ``arch``, one per seed, distilling ``teacher["file"]``."""
-    extra = ["fgfi.warmup_iters=1"] if args.quick else []
+    extra = (["fgfi.warmup_iters=1"] if args.quick else []) + args.fgfi_override
     return [Job(MAIN, order + i, (arch, "fgfi", seed),
                 spec(arch, seed, "fgfi",
                      sched[arch] + extra + ["distill.method=fgfi", f"fgfi.teacher={teacher['file']}"]),
@@ -573,20 +577,28 @@ def run_dir(overrides: list[str]) -> str:
 
 def methods_summary(baselines: list[dict], lgds: list[dict], fgfis: list[dict], teacher: dict) -> dict:
     """Mean (and std over seeds) test AP and training CPU seconds of each method, and the extra cost beyond the
-    student's own: LGD minus baseline; the teacher's training plus FGFI minus baseline (issue 25)."""
-    def stats(values: list[float]) -> dict:
-        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    student's own: LGD minus baseline; the teacher's training plus FGFI minus baseline (issue 25).
+
+    A run's CPU seconds count only when they cover its whole training: recorded with ``"resumed": false`` (a
+    resumed run's count is the last process's part; a run recorded before the field existed cannot show it was
+    not resumed). A method without such a run has ``train_cpu_s`` None, and the extra costs that need it None."""
+    def stats(values: list[float]) -> dict | None:
+        if not values:
+            return None
+        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "runs": len(values)}
 
     out = {name: {"AP": stats([r["test"]["bbox/AP"] for r in runs]),
-                  "train_cpu_s": stats([r["train_cpu_s"] for r in runs])}
+                  "train_cpu_s": stats([r["train_cpu_s"] for r in runs if r.get("resumed") is False])}
            for name, runs in (("baseline", baselines), ("lgd", lgds), ("fgfi", fgfis))}
-    base_cpu = out["baseline"]["train_cpu_s"]["mean"]
-    out["lgd"]["extra_cpu_s"] = out["lgd"]["train_cpu_s"]["mean"] - base_cpu
+    cpu = {name: (row["train_cpu_s"] or {}).get("mean") for name, row in out.items()}
     teacher_cpu = teacher.get("train_cpu_s")
-    out["fgfi"]["extra_cpu_s"] = (None if teacher_cpu is None
-                                  else teacher_cpu + out["fgfi"]["train_cpu_s"]["mean"] - base_cpu)
-    fgfi_extra = out["fgfi"]["extra_cpu_s"]
-    out["lgd_over_fgfi_extra_cost"] = out["lgd"]["extra_cpu_s"] / fgfi_extra if fgfi_extra else None
+    known = cpu["baseline"] is not None
+    out["lgd"]["extra_cpu_s"] = cpu["lgd"] - cpu["baseline"] if known and cpu["lgd"] is not None else None
+    out["fgfi"]["extra_cpu_s"] = (teacher_cpu + cpu["fgfi"] - cpu["baseline"]
+                                  if known and None not in (teacher_cpu, cpu["fgfi"]) else None)
+    lgd_extra, fgfi_extra = out["lgd"]["extra_cpu_s"], out["fgfi"]["extra_cpu_s"]
+    out["lgd_over_fgfi_extra_cost"] = lgd_extra / fgfi_extra if lgd_extra is not None and fgfi_extra else None
     out["teacher"] = teacher
     return out
 
@@ -598,8 +610,10 @@ def methods_table(title: str, summary: dict) -> str:
     for name, label in (("baseline", "baseline"), ("lgd", "LGD"), ("fgfi", "FGFI")):
         row = summary[name]
         extra = row.get("extra_cpu_s")
+        cpu = row["train_cpu_s"]
+        cpu_cell = f"{cpu['mean']:.0f} ({cpu['runs']} runs)" if cpu else "not known (no run measured whole)"
         lines.append(f"| {label} | {row['AP']['mean']:.2f} ± {row['AP']['std']:.2f} | "
-                     f"{row['train_cpu_s']['mean']:.0f} | {'' if name == 'baseline' else _fmt(extra)} |")
+                     f"{cpu_cell} | {'' if name == 'baseline' else _fmt(extra)} |")
     test_ap = teacher.get("test", {}).get("bbox/AP")
     lines += ["", f"FGFI teacher: {teacher.get('file')}" + (f", test AP {_fmt(test_ap)}" if test_ap is not None else "")
               + (f", trained in {teacher['train_cpu_s']:.0f} CPU s (counted in FGFI's extra cost)"

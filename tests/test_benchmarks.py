@@ -365,3 +365,22 @@ def test_accuracy_benchmark_fgfi_can_distil_the_equal_time_baseline(tmp_path, mo
     assert teacher["train_cpu_s"] == eqtime["train_cpu_s"]
     fgfi_run = json.loads((runs / "fgfi_s0" / "result.json").read_text())
     assert f"fgfi.teacher={teacher['file']}" in fgfi_run["overrides"]
+
+
+def test_fgfi_cost_counts_only_runs_measured_whole():
+    """A resumed run's CPU seconds are the last process's part, and an old record cannot show it was not resumed."""
+    summary = _load("accuracy").methods_summary
+
+    def run(ap, cpu, resumed):
+        return {"test": {"bbox/AP": ap}, "train_cpu_s": cpu, **({} if resumed is None else {"resumed": resumed})}
+
+    teacher = {"train_cpu_s": 1000.0}
+    whole = summary([run(20, 100.0, False), run(22, 10.0, True)], [run(21, 150.0, False)],
+                    [run(23, 120.0, False), run(24, 5.0, None)], teacher)
+    assert whole["baseline"]["train_cpu_s"]["mean"] == 100.0 and whole["baseline"]["train_cpu_s"]["runs"] == 1
+    assert whole["baseline"]["AP"]["mean"] == 21.0  # accuracy counts every run
+    assert whole["lgd"]["extra_cpu_s"] == 50.0 and whole["fgfi"]["extra_cpu_s"] == 1020.0
+    assert whole["lgd_over_fgfi_extra_cost"] == pytest.approx(50 / 1020)
+    unknown = summary([run(20, 100.0, None)], [run(21, 150.0, False)], [run(23, 120.0, False)], teacher)
+    assert unknown["baseline"]["train_cpu_s"] is None
+    assert unknown["lgd"]["extra_cpu_s"] is None and unknown["lgd_over_fgfi_extra_cost"] is None
