@@ -23,6 +23,7 @@ SCHEDULES = ("multistep", "cosine")  # solver.schedule
 CLIP_TYPES = ("value", "norm", "none")  # solver.clip_type
 AMP_MODES = ("none", "bf16", "fp16")  # solver.amp
 NAN_POLICIES = ("stop", "skip")  # solver.nan_policy
+DIVERGENCE_POLICIES = ("warn", "stop")  # solver.divergence_policy
 
 CLASS_FORMATS = ("one_hot", "norm_classes")  # lgd.class_format: the class part of the label descriptor
 ATTENTION_PATTERNS = ("student_guided", "label_guided", "student_fill", "teacher_fill")  # lgd.attention

@@ -140,6 +140,7 @@ class SolverConfig:
     amp: str = _f("none", "mixed precision: none (fp32) | bf16 (CUDA, or CPU autocast) | fp16 (CUDA, with a gradient scaler)")
     accumulate: int = _f(1, "micro-batches per step: each process's share of data.batch_size is split in this many, gradients add up (same global batch, less memory)")
     nan_policy: str = _f("stop", "on a NaN/infinite loss or gradient: stop (message + debug checkpoint nan_debug_*.pth) | skip (the step, logged)", runtime=True)
+    divergence_policy: str = _f("warn", "when the logged loss rises above 3x its early level (a diverging run): warn and train on | stop (message; the last checkpoint stays intact)", runtime=True)
 
 
 @dataclass
@@ -232,6 +233,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "solver.clip_type": choices.CLIP_TYPES,
     "solver.amp": choices.AMP_MODES,
     "solver.nan_policy": choices.NAN_POLICIES,
+    "solver.divergence_policy": choices.DIVERGENCE_POLICIES,
     "lgd.class_format": choices.CLASS_FORMATS,
     "lgd.attention": choices.ATTENTION_PATTERNS,
     "lgd.label_fusion": choices.LABEL_FUSIONS,

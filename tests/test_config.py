@@ -127,7 +127,8 @@ def test_runtime_keys_are_where_and_how_fast_a_run_runs():
     from lgd.config import runtime_keys
 
     assert runtime_keys() == {"output_dir", "device", "threads", "data.workers", "keep_checkpoints",
-                              "checkpoint_period", "log_period", "eval_period", "solver.nan_policy", "fgfi.teacher"}
+                              "checkpoint_period", "log_period", "eval_period", "solver.nan_policy",
+                              "solver.divergence_policy", "fgfi.teacher"}
 
 
 def test_overriding_only_max_iter_scales_the_recipes_schedule(tmp_path):

@@ -1,6 +1,12 @@
+from pathlib import Path
+
+import pytest
+
 from lgd.engine.hooks import frozen_body_iters
 from lgd.engine.loss_monitor import DegenerateLossMonitor, DivergenceMonitor
 from lgd.engine.training import train
+from lgd.errors import TrainingError
+from lgd.plots import read_metrics
 
 
 def test_a_dead_fcos_box_branch_is_reported_once_then_its_recovery():
@@ -52,6 +58,23 @@ def test_a_recipe_made_to_diverge_is_reported_in_the_log(tiny_config, capsys):
     out = capsys.readouterr().out
     assert "lgd: warning: iteration" in out and "the loss is diverging" in out
     assert "more than 3x its early level" in out and "What to try: a lower solver.base_lr" in out
+
+
+def test_divergence_policy_stop_ends_the_run_with_the_warning_and_keeps_its_records(tiny_config):
+    stopping = DivergenceMonitor(stop=True)
+    for it, loss in enumerate([1.0, 1.0, 1.0, 1.0, 1.0]):
+        assert stopping.update(it, {"a": loss}) == []
+    with pytest.raises(TrainingError, match="the loss is diverging.*divergence_policy=stop"):
+        for it, loss in enumerate([5.0, 5.0, 5.0], start=5):
+            stopping.update(it, {"a": loss})
+    cfg = tiny_config("lgd.enabled=false", "lgd.eval_teacher=false", "solver.base_lr=2", "solver.clip_type=none",
+                      "solver.warmup_iters=1", "solver.steps=[]", "solver.max_iter=8", "checkpoint_period=100",
+                      "solver.nan_policy=skip", "solver.divergence_policy=stop", "log_period=1")
+    with pytest.raises(TrainingError, match="the loss is diverging") as stopped:
+        train(cfg, progress=False)
+    stopped_at = int(str(stopped.value).split()[1].rstrip(":"))
+    records = [r for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if r["kind"] == "train"]
+    assert stopped_at < cfg.solver.max_iter and records[-1]["iter"] == stopped_at
 
 
 def test_only_an_lgd_run_with_a_body_freeze_gets_the_freeze_advice(tiny_config):

@@ -237,6 +237,7 @@ def build_hooks(cfg: Config, checkpointer: Checkpointer, storage: Optional[Event
     continues (``last.pth`` as read). A caller adds its own after them (``train(..., extra_hooks=...)``)."""
     return [ModelSchedule(), NanPolicy(cfg.solver.nan_policy, checkpointer, storage), LRScheduler(),
             MetricsWriter(storage, cfg.log_period, [DegenerateLossMonitor(cfg.model.arch),
-                                                    DivergenceMonitor(frozen_body_iters=frozen_body_iters(cfg))]),
+                                                    DivergenceMonitor(frozen_body_iters=frozen_body_iters(cfg),
+                                                                      stop=cfg.solver.divergence_policy == "stop")]),
             evaluation, StopOnSignal(checkpointer), CheckpointHook(checkpointer, cfg.checkpoint_period, resume),
             CheckpointOnDataError(checkpointer)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from lgd.detectors import VIEWS
+from lgd.errors import TrainingError
 
 
 @dataclass
@@ -77,11 +78,18 @@ class DivergenceMonitor:
         frozen_body_iters: ``lgd.freeze_backbone_iters`` of an LGD run (0 otherwise); when set, the advice names
             it too: the only Faster R-CNN runs seen to diverge did so while LGD kept the body frozen in the
             warm-up, and trained stably with the freeze off (BENCHMARKS.md, "What makes Faster R-CNN LGD diverge").
+        stop: raise instead of warning (``solver.divergence_policy=stop``): a diverged run seen here collapsed
+            for good and trained on for hundreds of CPU seconds into a model scoring 0 AP.
+
+    Raises:
+        TrainingError: from ``update``, with ``stop``, when the run diverges (the warning's text, and that training
+            stopped).
     """
 
     window: int = 3
     factor: float = 3.0
     frozen_body_iters: int = 0
+    stop: bool = False
     _early: list[float] = field(default_factory=list)
     _recent: deque = field(default_factory=deque)
     _warned: bool = False
@@ -101,11 +109,15 @@ class DivergenceMonitor:
         if recent <= self.factor * early:
             return []
         self._warned = True
-        return [f"iteration {iteration}: the loss is diverging: {recent:.4g} (mean of the last {self.window} "
-                f"records) is more than {self.factor:g}x its early level {early:.4g} (mean of the first "
-                f"{self.window}). What to try: a lower solver.base_lr (e.g. a half or a quarter; with a batch "
-                f"other than the recipe's, set solver.reference_batch_size so the rate follows the batch), a "
-                f"longer solver.warmup_iters{self._freeze_advice()}."]
+        message = (f"iteration {iteration}: the loss is diverging: {recent:.4g} (mean of the last {self.window} "
+                   f"records) is more than {self.factor:g}x its early level {early:.4g} (mean of the first "
+                   f"{self.window}). What to try: a lower solver.base_lr (e.g. a half or a quarter; with a batch "
+                   f"other than the recipe's, set solver.reference_batch_size so the rate follows the batch), a "
+                   f"longer solver.warmup_iters{self._freeze_advice()}.")
+        if self.stop:
+            raise TrainingError(f"{message} Training stopped (solver.divergence_policy=stop; =warn trains on); "
+                                f"metrics.jsonl has every record so far and the last checkpoint is intact.")
+        return [message]
 
     def _freeze_advice(self) -> str:
         if not self.frozen_body_iters:
