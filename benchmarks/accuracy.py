@@ -97,7 +97,7 @@ def run_one(config: str, overrides: list[str], teacher: bool) -> dict:
     done = Path(cfg.output_dir) / "result.json"
     metrics_file = Path(cfg.output_dir) / "metrics.jsonl"
     body = same_body(cfg)
-    if done.is_file() and json.loads(done.read_text()).get("overrides") == overrides:
+    if finished(overrides):
         teacher_curve = _val_curve(read_metrics(metrics_file), "val_teacher")
         return {**json.loads(done.read_text()), "teacher_val_curve": teacher_curve}
     cpu_started = time.process_time()
@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fgfi-override", action="append", default=[], metavar="KEY=VALUE",
                         help="applied to the FGFI runs only (repeatable), e.g. fgfi.warmup_iters=100, so that "
                              "finished baseline and LGD runs recorded without it are reused")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: the report of the runs that have finished (e.g. after stopping a "
+                             "long invocation); the others are listed as not run")
     parser.add_argument("--quick", action="store_true", help="tiny runs, for the test suite")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="applied to every run")
@@ -446,7 +449,7 @@ def main(argv: list[str] | None = None) -> dict:
     queued: set = set()
     deadline = began + args.budget if args.budget else math.inf
     jobs += follow_up({})  # FGFI runs with a given --fgfi-teacher need not wait for anything
-    results, skipped, failed = _run_jobs(configs, jobs, args.parallel, follow_up, deadline)
+    results, skipped, failed = _run_jobs(configs, jobs, args.parallel, follow_up, deadline, args.report_only)
     for arch in args.arch if "fgfi" in args.method else []:
         if arch not in report.get("fgfi_teachers", {}):
             report.setdefault("fgfi_teachers_failed", {})[arch] = failed.get((arch, "fgfi_teacher", 0), "not run")
@@ -510,7 +513,8 @@ def main(argv: list[str] | None = None) -> dict:
         not_run = [f"{k} seed {s}" for a, k, s in skipped if a == arch]
         not_run += [f"{k} seed {s} (failed: {why})" for (a, k, s), why in failed.items() if a == arch]
         if not_run:
-            md.append("Not run (would not have finished within --budget) or failed: " + ", ".join(not_run) + "\n")
+            why = "not finished (--report-only)" if args.report_only else "would not have finished within --budget"
+            md.append(f"Not run ({why}) or failed: " + ", ".join(not_run) + "\n")
         text = "\n".join(md)
         (out / f"accuracy_{arch}.md").write_text(text)
         print(text)
@@ -692,9 +696,10 @@ def _choose_iters(args, calibration: dict, seconds: float) -> dict:
 
 
 def _run_jobs(configs: dict, jobs: list[Job], parallel: int, follow_up,
-              deadline: float) -> tuple[dict, list, dict]:
+              deadline: float, finished_only: bool = False) -> tuple[dict, list, dict]:
     """Run jobs by priority, at most ``parallel`` at a time; a job whose estimated time would pass the deadline is
-    not started. ``follow_up(results)`` may add jobs as results arrive.
+    not started, nor, with ``finished_only``, one without a finished run to reuse (``finished``).
+    ``follow_up(results)`` may add jobs as results arrive.
 
     Returns (results by job key, keys not started, failure message by job key)."""
     pending = sorted(jobs)
@@ -710,7 +715,7 @@ def _run_jobs(configs: dict, jobs: list[Job], parallel: int, follow_up,
                     job = pending.pop(0)
                     # The equal-iteration pairs always run (the schedule was sized for them): half a pair is worthless.
                     late = time.perf_counter() + job.iters * job.seconds_per_iter * 1.1 > deadline
-                    if job.priority != MAIN and late:
+                    if (job.priority != MAIN and late) or (finished_only and not finished(job.overrides)):
                         skipped.append(job.key)
                         continue
                     running[pool.submit(run_one, configs[job.key[0]], job.overrides, job.teacher)] = job
@@ -731,6 +736,13 @@ def _run_jobs(configs: dict, jobs: list[Job], parallel: int, follow_up,
     finally:
         signal.signal(signal.SIGTERM, previous)
     return results, skipped, failed
+
+
+def finished(overrides: list[str]) -> bool:
+    """Whether the run of ``overrides`` has finished: its folder's result.json was written with these overrides
+    (the test ``run_one`` makes before reusing it)."""
+    done = Path(run_dir(overrides)) / "result.json"
+    return done.is_file() and json.loads(done.read_text()).get("overrides") == overrides
 
 
 def stop_workers(signum: int, frame=None) -> None:

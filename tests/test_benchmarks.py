@@ -384,3 +384,16 @@ def test_fgfi_cost_counts_only_runs_measured_whole():
     unknown = summary([run(20, 100.0, None)], [run(21, 150.0, False)], [run(23, 120.0, False)], teacher)
     assert unknown["baseline"]["train_cpu_s"] is None
     assert unknown["lgd"]["extra_cpu_s"] is None and unknown["lgd_over_fgfi_extra_cost"] is None
+
+
+def test_accuracy_benchmark_report_only_trains_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LGD_CACHE", str(tmp_path / "cache"))
+    common = ["--quick", "--parallel", "2", "--no-equal-time", "--out", str(tmp_path)]
+    first = _load("accuracy").main(common + ["--seeds", "0"])
+    report = _load("accuracy").main(common + ["--seeds", "0", "1", "--report-only"])
+    runs = tmp_path / "runs" / "retinanet"
+    assert sorted(p.name for p in runs.iterdir()) == ["baseline_s0", "lgd_s0"]  # seed 1 was not begun
+    assert sorted(report["not_run"]) == [["retinanet", "baseline", 1], ["retinanet", "lgd", 1]]
+    summary = report["archs"]["retinanet"]["equal_iterations"]
+    assert summary["seeds"] == [0] and summary["summary"] == first["archs"]["retinanet"]["equal_iterations"]["summary"]
+    assert "not finished (--report-only)" in (tmp_path / "accuracy_retinanet.md").read_text()
