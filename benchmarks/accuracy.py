@@ -721,8 +721,8 @@ def _run_jobs(configs: dict, jobs: list[Job], parallel: int, follow_up,
                     running[pool.submit(run_one, configs[job.key[0]], job.overrides, job.teacher)] = job
                 if not running:
                     break
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
+                ended, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in ended:
                     job = running.pop(future)
                     try:
                         results[job.key] = future.result()
