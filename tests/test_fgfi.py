@@ -229,7 +229,7 @@ def test_the_benchmark_counts_the_teacher_in_fgfi_extra_cost():
     accuracy = importlib.import_module("accuracy")
 
     def run(ap: float, cpu: float) -> dict:
-        return {"test": {"bbox/AP": ap}, "train_cpu_s": cpu}
+        return {"test": {"bbox/AP": ap}, "train_cpu_s": cpu, "resumed": False}
 
     summary = accuracy.methods_summary([run(10, 100), run(12, 120)], [run(11, 150), run(13, 170)],
                                        [run(12, 130), run(12, 150)], {"file": "t.pth", "train_cpu_s": 300})
@@ -237,7 +237,7 @@ def test_the_benchmark_counts_the_teacher_in_fgfi_extra_cost():
     assert summary["fgfi"]["extra_cpu_s"] == pytest.approx(330)  # 300 + 140 - 110
     assert summary["lgd_over_fgfi_extra_cost"] == pytest.approx(50 / 330)
     assert summary["baseline"]["AP"]["mean"] == 11 and summary["fgfi"]["AP"]["std"] == 0
-    assert "| FGFI | 12.00 ± 0.00 | 140 | 330.00 |" in accuracy.methods_table("t", summary)
+    assert "| FGFI | 12.00 ± 0.00 | 140 (2 runs) | 330.00 |" in accuracy.methods_table("t", summary)
 
 
 def test_only_the_adapter_conv_is_small_so_a_projected_adapter_still_learns():
