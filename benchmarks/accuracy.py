@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--measure-step-ratio", type=int, default=0, metavar="ROUNDS",
                         help="before anything else, measure each --arch's equal-time factor from ROUNDS quiet pairs: "
                              "a baseline and an LGD run of %d steps side by side, one thread each (run it with "
-                             "nothing else on the machine); writes step_ratio_<arch>.json" % CALIBRATION_STEPS)
+                             "nothing else on the machine); with --method fgfi and --fgfi-teacher also a baseline "
+                             "and an FGFI run per round; writes step_ratio_<arch>.json" % CALIBRATION_STEPS)
     parser.add_argument("--method", nargs="+", default=["lgd"], choices=("lgd", "fgfi"),
                         help="distillation methods beside the baseline; lgd always runs (the reference)")
     parser.add_argument("--fgfi-teacher", metavar="FILE", help="FGFI's teacher for every --arch (default: trained, "
@@ -373,20 +374,37 @@ def main(argv: list[str] | None = None) -> dict:
         report["chosen_iters"] = chosen
         print(f"calibrated s/iter {calibration}; schedule: {chosen}", flush=True)
 
+    # FGFI's step cost is measured only with a teacher at hand: a trained one does not exist yet
+    fgfi_kind = (["distill.method=fgfi", f"fgfi.teacher={args.fgfi_teacher}", "fgfi.warmup_iters=0"]
+                 if "fgfi" in args.method and args.fgfi_teacher else [])
     for arch in args.arch if args.measure_step_ratio else []:
-        pairs = []
+        pairs, fgfi_pairs = [], []
         for r in range(args.measure_step_ratio):
             # steady-state steps: the body trains and the distillation reaches it, as in most of a run
             steady = ["lgd.freeze_backbone_iters=0", "lgd.pre_distill_iters=0"]
             probes = [((arch, k), spec(arch, 0, f"step_ratio{r}_{k}", kinds[k] + steady)) for k in kinds]
             pairs.append(_calibrate(configs, probes, len(probes))[arch])
+            if fgfi_kind:
+                # a second pair per round, FGFI beside a baseline: its cost beyond the student's own, measured alike
+                probes = [((arch, k), spec(arch, 0, f"step_ratio{r}_{k}", extra))
+                          for k, extra in (("baseline", kinds["baseline"]), ("fgfi", fgfi_kind))]
+                fgfi_pairs.append(_calibrate(configs, probes, len(probes))[arch])
         given_ratio[arch] = statistics.median(p["lgd"] / p["baseline"] for p in pairs)
         measured = {"arch": arch, "date": date.today().isoformat(), "rounds_s_per_iter": pairs,
                     "steps_per_run": CALIBRATION_STEPS, "ratio": given_ratio[arch],
                     "how": "each round: a baseline and an LGD run side by side, one thread each; median s/step over "
                            "steps 11 on; ratio = median over rounds of LGD / baseline"}
+        if fgfi_pairs:
+            measured.update({"fgfi_rounds_s_per_iter": fgfi_pairs, "fgfi_teacher": args.fgfi_teacher,
+                             "fgfi_ratio": statistics.median(p["fgfi"] / p["baseline"] for p in fgfi_pairs),
+                             "fgfi_how": "each round after the LGD pair: a baseline and an FGFI run (imitation from "
+                                         "the first step) side by side, one thread each; median over rounds of "
+                                         "FGFI / baseline"})
         (out / f"step_ratio_{arch}.json").write_text(to_json(measured, indent=1))
         print(f"{arch}: step ratio {given_ratio[arch]:.3f} from {len(pairs)} quiet pairs {pairs}", flush=True)
+        if fgfi_pairs:
+            print(f"{arch}: FGFI step ratio {measured['fgfi_ratio']:.3f} from {len(fgfi_pairs)} quiet pairs "
+                  f"{fgfi_pairs}", flush=True)
 
     sched = {a: schedule(cfgs[a], chosen[a]) for a in args.arch}
     jobs, order = [], 0

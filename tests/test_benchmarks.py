@@ -344,6 +344,12 @@ def test_accuracy_benchmark_fgfi_trains_its_teacher_beside_the_pairs(tmp_path, m
     assert methods["lgd_over_fgfi_extra_cost"] == pytest.approx(methods["lgd"]["extra_cpu_s"]
                                                                 / methods["fgfi"]["extra_cpu_s"])
     assert "FGFI" in (tmp_path / "accuracy_retinanet.md").read_text()
+    # with the teacher at hand, the quiet pairs measure FGFI's step cost too
+    _load("accuracy").main(["--quick", "--seeds", "0", "--no-equal-time", "--out", str(tmp_path), "--method", "lgd",
+                            "fgfi", "--fgfi-teacher", teacher["file"], "--measure-step-ratio", "1", "--report-only"])
+    measured = json.loads((tmp_path / "step_ratio_retinanet.json").read_text())
+    assert len(measured["fgfi_rounds_s_per_iter"]) == 1 and measured["fgfi_ratio"] > 0
+    assert measured["fgfi_teacher"] == teacher["file"]
 
 
 def test_accuracy_benchmark_fgfi_can_distil_the_equal_time_baseline(tmp_path, monkeypatch):
