@@ -377,18 +377,18 @@ def main(argv: list[str] | None = None) -> dict:
     # FGFI's step cost is measured only with a teacher at hand: a trained one does not exist yet
     fgfi_kind = (["distill.method=fgfi", f"fgfi.teacher={args.fgfi_teacher}", "fgfi.warmup_iters=0"]
                  if "fgfi" in args.method and args.fgfi_teacher else [])
+    # steady-state steps: the body trains and the distillation reaches it, as in most of a run
+    steady = ["lgd.freeze_backbone_iters=0", "lgd.pre_distill_iters=0"]
+    # each round, every method in turn beside a baseline: its cost beyond the student's own, measured alike
+    contenders = {"lgd": kinds["lgd"] + steady, **({"fgfi": fgfi_kind} if fgfi_kind else {})}
     for arch in args.arch if args.measure_step_ratio else []:
-        pairs, fgfi_pairs = [], []
+        rounds: dict = {m: [] for m in contenders}
         for r in range(args.measure_step_ratio):
-            # steady-state steps: the body trains and the distillation reaches it, as in most of a run
-            steady = ["lgd.freeze_backbone_iters=0", "lgd.pre_distill_iters=0"]
-            probes = [((arch, k), spec(arch, 0, f"step_ratio{r}_{k}", kinds[k] + steady)) for k in kinds]
-            pairs.append(_calibrate(configs, probes, len(probes))[arch])
-            if fgfi_kind:
-                # a second pair per round, FGFI beside a baseline: its cost beyond the student's own, measured alike
-                probes = [((arch, k), spec(arch, 0, f"step_ratio{r}_{k}", extra))
-                          for k, extra in (("baseline", kinds["baseline"]), ("fgfi", fgfi_kind))]
-                fgfi_pairs.append(_calibrate(configs, probes, len(probes))[arch])
+            for method, extra in contenders.items():
+                probes = [((arch, k), spec(arch, 0, f"step_ratio{r}_{k}", e))
+                          for k, e in (("baseline", kinds["baseline"] + steady), (method, extra))]
+                rounds[method].append(_calibrate(configs, probes, len(probes))[arch])
+        pairs, fgfi_pairs = rounds["lgd"], rounds.get("fgfi", [])
         given_ratio[arch] = statistics.median(p["lgd"] / p["baseline"] for p in pairs)
         measured = {"arch": arch, "date": date.today().isoformat(), "rounds_s_per_iter": pairs,
                     "steps_per_run": CALIBRATION_STEPS, "ratio": given_ratio[arch],
